@@ -1,0 +1,1 @@
+"""API adapters: decode a transport's request, await a block, encode the answer."""

@@ -1,0 +1,290 @@
+"""Dapr's HTTP API: one route table over the blocks; decode, await, encode."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, unquote
+
+from pillion.api.http import codec
+from pillion.blocks.health import Health
+from pillion.blocks.invoke import InvokeBlock, InvokeRequest
+from pillion.blocks.metadata import MetadataBlock
+from pillion.blocks.state import StateBlock
+from pillion.errors import Code, GrpcCode, PillionError, direct_invoke, unimplemented
+from pillion.transport.http import Request, Response
+
+log = logging.getLogger("pillion.api.http")
+api_log = logging.getLogger("pillion.api.http.calls")
+
+# Building blocks whose routes exist in Dapr but not yet here: answer 501 naming the block
+# rather than falling through to service invocation.
+_LATER_BLOCKS: dict[str, str] = {
+    "publish": "pub/sub",
+    "bindings": "bindings",
+    "actors": "actors",
+    "secrets": "secrets",
+    "configuration": "configuration",
+    "subscribe": "configuration",
+    "lock": "distributed lock",
+    "unlock": "distributed lock",
+    "workflows": "workflow",
+    "jobs": "jobs",
+    "crypto": "cryptography",
+    "subtlecrypto": "cryptography",
+    "conversation": "conversation",
+}
+_VERSIONS = frozenset({"v1.0", "v1.0-alpha1", "v1.0-alpha2", "v1.0-beta1"})
+
+
+@dataclass
+class HttpApi:
+    """The handler the HTTP server calls for every request on the API port."""
+
+    app_id: str
+    health: Health
+    state: StateBlock
+    invoke: InvokeBlock
+    metadata: MetadataBlock
+    request_shutdown: Callable[[], None]
+    api_logging: bool = False
+    api_token: str | None = None
+
+    @classmethod
+    def with_env(cls, **kw: object) -> HttpApi:
+        api = cls(**kw)  # type: ignore[arg-type]
+        api.api_token = os.environ.get("DAPR_API_TOKEN") or None
+        return api
+
+    async def __call__(self, req: Request) -> Response:
+        if not self.api_logging:
+            return await self._route(req)
+        t0 = time.perf_counter()
+        resp = await self._route(req)
+        api_log.info(
+            'HTTP API Called method="%s %s" code=%d duration=%.3fms useragent="%s"',
+            req.method,
+            req.path,
+            resp.status,
+            (time.perf_counter() - t0) * 1000,
+            (req.header(b"user-agent") or b"").decode("latin-1"),
+        )
+        return resp
+
+    async def _route(self, req: Request) -> Response:
+        try:
+            return await self._dispatch(req)
+        except _Unauthorized:
+            return Response(401, [(b"content-type", b"text/plain")], b"invalid api token")
+        except PillionError as err:
+            return codec.error(err)
+        except Exception as exc:  # a bug: keep the contract (JSON body), log it once
+            log.exception("unhandled error serving %s %s", req.method, req.path)
+            return codec.error(
+                PillionError(Code.ERROR, f"internal error: {type(exc).__name__}", 500)
+            )
+
+    async def _dispatch(self, req: Request) -> Response:
+        path = req.path
+        if len(path) > 1 and path.endswith("/"):
+            path = path.rstrip("/") or "/"
+        # The header form of invocation wins over any route (dapr-api.md §1.1).
+        app_hdr = req.header(b"dapr-app-id")
+        if app_hdr is not None:
+            self._check_token(req)
+            return await self._invoke(req, app_hdr.decode("utf-8", "replace"), path[1:])
+        parts = path.split("/")  # ["", "v1.0", "state", ...]
+        if len(parts) < 3 or parts[1] not in _VERSIONS:
+            self._check_token(req)
+            return await self._fallback(req, path)
+        version, block = parts[1], parts[2]
+        rest = parts[3:]
+        if block == "healthz":
+            return self._healthz(req, rest)
+        self._check_token(req)
+        if block == "invoke" and version == "v1.0":
+            return await self._invoke_path(req, rest)
+        if block == "state":
+            return await self._state(req, version, rest)
+        if block == "metadata" and version == "v1.0":
+            return self._metadata(req, rest)
+        if block == "shutdown" and version == "v1.0":
+            _allow(req, "POST")
+            self.request_shutdown()
+            return codec.NO_CONTENT
+        if block in _LATER_BLOCKS:
+            raise unimplemented(_LATER_BLOCKS[block])
+        return await self._fallback(req, path)
+
+    # --- auth ---------------------------------------------------------------------------------
+
+    def _check_token(self, req: Request) -> None:
+        if self.api_token is None:
+            return
+        if req.header(b"dapr-api-token") != self.api_token.encode():
+            raise _Unauthorized()
+
+    # --- health / metadata --------------------------------------------------------------------
+
+    def _healthz(self, req: Request, rest: list[str]) -> Response:
+        _allow(req, "GET", "HEAD")
+        if rest == ["outbound"]:
+            self.health.check_outbound()
+            return codec.NO_CONTENT
+        if rest:
+            raise _not_found(req)
+        appid = _query(req).get("appid")
+        self.health.check(appid)
+        return codec.NO_CONTENT
+
+    def _metadata(self, req: Request, rest: list[str]) -> Response:
+        if not rest:
+            _allow(req, "GET")
+            return codec.json_response(self.metadata.snapshot())
+        if len(rest) == 1:
+            _allow(req, "PUT")
+            self.metadata.set(unquote(rest[0]), req.body.decode("utf-8", "replace"))
+            return codec.NO_CONTENT
+        raise _not_found(req)
+
+    # --- service invocation -------------------------------------------------------------------
+
+    async def _invoke_path(self, req: Request, rest: list[str]) -> Response:
+        # /v1.0/invoke/{appId}/method/{method...}
+        if len(rest) < 2 or rest[1] != "method":
+            raise _not_found(req)
+        app_id = unquote(rest[0])
+        method = "/".join(rest[2:])
+        return await self._invoke(req, app_id, method)
+
+    async def _invoke(self, req: Request, app_id: str, method: str) -> Response:
+        if app_id.startswith(("http://", "https://")):
+            raise unimplemented("external service invocation (HTTPEndpoint)")
+        resp = await self.invoke.invoke(
+            InvokeRequest(app_id, method, req.method, req.query, req.headers, req.body, req.peer)
+        )
+        return Response(resp.status, resp.headers, resp.body, resp.reason)
+
+    async def _fallback(self, req: Request, path: str) -> Response:
+        basic = _basic_auth_app_id(req)
+        if basic:
+            return await self._invoke(req, basic, path[1:])
+        raise direct_invoke(
+            "failed getting app id either from the URL path or the header dapr-app-id", 404
+        )
+
+    # --- state --------------------------------------------------------------------------------
+
+    async def _state(self, req: Request, version: str, rest: list[str]) -> Response:
+        if not rest or not rest[0]:
+            raise _not_found(req)
+        store = unquote(rest[0])
+        q = _query(req)
+        md = codec.query_metadata(q)
+        if version == "v1.0-alpha1" and rest[1:] == ["query"]:
+            _allow(req, "POST", "PUT")
+            self.state.entry(store)
+            raise PillionError(
+                Code.STATE_STORE_NOT_SUPPORTED,
+                f"state store {store} doesn't support query",
+                500,
+                GrpcCode.INTERNAL,
+                reason="DAPR_STATE_QUERYING_NOT_SUPPORTED",
+                resource_type="state",
+                resource_name=store,
+            )
+        if version != "v1.0":
+            raise _not_found(req)
+        if len(rest) == 1:
+            _allow(req, "POST", "PUT")
+            items = codec.decode_save(req.body, md)
+            await self.state.save(store, items)
+            return codec.NO_CONTENT
+        sub = rest[1:]
+        if sub == ["bulk"] and req.method in ("POST", "PUT"):
+            keys, body_md = codec.decode_bulk_get(req.body)
+            items_out = await self.state.bulk_get(store, keys, metadata={**body_md, **md})
+            return codec.bulk_get_response(items_out)
+        if sub == ["transaction"] and req.method in ("POST", "PUT"):
+            ops, body_md = codec.decode_transaction(req.body)
+            await self.state.transaction(store, ops, {**body_md, **md})
+            return codec.NO_CONTENT
+        key = unquote("/".join(sub))
+        if req.method == "GET":
+            res = await self.state.get(
+                store, key, consistency=codec.consistency(q.get("consistency")), metadata=md
+            )
+            if res is None:
+                return codec.NO_CONTENT
+            headers = [(b"content-type", b"application/json")]
+            if res.etag is not None:
+                headers.append((b"etag", res.etag.encode()))
+            for k, v in res.metadata.items():
+                headers.append((b"metadata." + k.encode(), v.encode()))
+            return Response(200, headers, res.data)
+        if req.method == "DELETE":
+            etag = req.header(b"if-match")
+            await self.state.delete(
+                store,
+                key,
+                etag=etag.decode("latin-1") if etag else None,
+                concurrency=codec.concurrency(q.get("concurrency")),
+                consistency=codec.consistency(q.get("consistency")),
+                metadata=md,
+            )
+            return codec.NO_CONTENT
+        raise _method_not_allowed(req)
+
+
+class _Unauthorized(PillionError):
+    def __init__(self) -> None:
+        super().__init__("ERR_UNAUTHORIZED", "invalid api token", 401, GrpcCode.UNAUTHENTICATED)
+
+
+def _query(req: Request) -> dict[str, str]:
+    if not req.query:
+        return {}
+    out: dict[str, str] = {}
+    for k, v in parse_qsl(req.query.decode("latin-1"), keep_blank_values=True):
+        out.setdefault(k, v)  # first value only, as Dapr
+    return out
+
+
+def _allow(req: Request, *methods: str) -> None:
+    if req.method not in methods:
+        raise _method_not_allowed(req)
+
+
+def _method_not_allowed(req: Request) -> PillionError:
+    return PillionError(
+        Code.BAD_REQUEST,
+        f"method {req.method} is not allowed on {req.path}",
+        405,
+        GrpcCode.UNIMPLEMENTED,
+    )
+
+
+def _not_found(req: Request) -> PillionError:
+    return PillionError(
+        Code.BAD_REQUEST, f"no API route for {req.method} {req.path}", 404, GrpcCode.NOT_FOUND
+    )
+
+
+def _basic_auth_app_id(req: Request) -> str:
+    """App id from `Authorization: Basic base64("dapr-app-id:<id>")`."""
+    auth = req.header(b"authorization")
+    if not auth or auth[:6].lower() != b"basic ":
+        return ""
+    try:
+        user, _, pw = base64.b64decode(auth[6:].strip()).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    return pw if user.lower() == "dapr-app-id" else ""
+
+
+Handler = Callable[[Request], Awaitable[Response]]

@@ -1,0 +1,1 @@
+"""The building-block core: transport-agnostic behaviour of every Dapr API."""

@@ -1,0 +1,394 @@
+"""The state building block: store lookup, key prefixing, feature gates and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pillion.components.state.api import (
+    BulkGetItem,
+    Concurrency,
+    Consistency,
+    DeleteRequest,
+    ETagInvalid,
+    ETagMismatch,
+    Feature,
+    GetRequest,
+    Operation,
+    SetRequest,
+    StateError,
+    StateStore,
+    TransactionalStore,
+)
+from pillion.errors import Code, FieldViolation, GrpcCode, PillionError
+
+SEPARATOR = "||"
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """A loaded state store as the block sees it."""
+
+    name: str
+    store: StateStore
+    key_prefix: str = "appid"
+    actor_store: bool = False
+
+    def capabilities(self) -> list[str]:
+        caps = sorted(str(f) for f in self.store.features())
+        if self.actor_store:
+            caps.append(str(Feature.ACTOR))
+        return caps
+
+
+@dataclass(frozen=True, slots=True)
+class SaveItem:
+    key: str
+    value: bytes
+    etag: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    concurrency: Concurrency = Concurrency.UNSPECIFIED
+    consistency: Consistency = Consistency.UNSPECIFIED
+
+
+@dataclass(frozen=True, slots=True)
+class TxOperation:
+    """One operation of a transaction: `op` is "upsert" or "delete"."""
+
+    op: str
+    item: SaveItem
+
+
+@dataclass(frozen=True, slots=True)
+class GetResult:
+    data: bytes
+    etag: str | None
+    metadata: Mapping[str, str]
+
+
+def parse_concurrency(value: str | None) -> Concurrency:
+    if not value:
+        return Concurrency.UNSPECIFIED
+    try:
+        return Concurrency(value)
+    except ValueError:
+        raise PillionError(
+            Code.MALFORMED_REQUEST,
+            f"invalid concurrency {value!r}: expected first-write or last-write",
+            400,
+            GrpcCode.INVALID_ARGUMENT,
+        ) from None
+
+
+def parse_consistency(value: str | None) -> Consistency:
+    if not value:
+        return Consistency.UNSPECIFIED
+    try:
+        return Consistency(value)
+    except ValueError:
+        raise PillionError(
+            Code.MALFORMED_REQUEST,
+            f"invalid consistency {value!r}: expected eventual or strong",
+            400,
+            GrpcCode.INVALID_ARGUMENT,
+        ) from None
+
+
+class StateBlock:
+    """Every state API rule lives here, once, for HTTP and gRPC alike."""
+
+    def __init__(self, app_id: str, namespace: str, stores: Mapping[str, StoreEntry]) -> None:
+        self.app_id = app_id
+        self.namespace = namespace
+        self.stores = dict(stores)
+
+    # --- lookup and keys ------------------------------------------------------------------------
+
+    def entry(self, name: str) -> StoreEntry:
+        if not self.stores:
+            raise PillionError(
+                Code.STATE_STORE_NOT_CONFIGURED,
+                "state store is not configured",
+                500,
+                GrpcCode.FAILED_PRECONDITION,
+                reason="DAPR_STATE_NOT_CONFIGURED",
+                metadata={"appID": self.app_id},
+                resource_type="state",
+                resource_name=name,
+            )
+        e = self.stores.get(name)
+        if e is None:
+            raise PillionError(
+                Code.STATE_STORE_NOT_FOUND,
+                f"state store {name} is not found",
+                400,
+                GrpcCode.INVALID_ARGUMENT,
+                reason="DAPR_STATE_NOT_FOUND",
+                metadata={"appID": self.app_id},
+                resource_type="state",
+                resource_name=name,
+            )
+        return e
+
+    def storage_key(self, e: StoreEntry, key: str) -> str:
+        """`appid||key` and the other keyPrefix strategies of dapr-api.md §2."""
+        if SEPARATOR in key:
+            raise _illegal_key(e.name, key)
+        strategy = e.key_prefix
+        low = strategy.lower()
+        if low == "none":
+            return key
+        if low == "appid":
+            prefix = self.app_id
+        elif low == "name":
+            prefix = e.name
+        elif low == "namespace":
+            prefix = f"{self.namespace}.{self.app_id}" if self.namespace else self.app_id
+        else:
+            if SEPARATOR in strategy:
+                raise _illegal_key(e.name, strategy)
+            prefix = strategy
+        if not prefix:
+            return key
+        return f"{prefix}{SEPARATOR}{key}"
+
+    @staticmethod
+    def original_key(stored: str) -> str:
+        _, sep, rest = stored.partition(SEPARATOR)
+        return rest if sep else stored
+
+    # --- operations -------------------------------------------------------------------------------
+
+    async def get(
+        self,
+        store: str,
+        key: str,
+        *,
+        consistency: Consistency = Consistency.UNSPECIFIED,
+        metadata: Mapping[str, str] | None = None,
+    ) -> GetResult | None:
+        e = self.entry(store)
+        skey = self.storage_key(e, key)
+        try:
+            resp = await e.store.get(GetRequest(skey, metadata or {}, consistency))
+        except (StateError, ValueError) as exc:
+            raise PillionError(
+                Code.STATE_GET,
+                f"fail to get {key} from state store {store}: {exc}",
+                500,
+                GrpcCode.INTERNAL,
+            ) from exc
+        if resp is None:
+            return None
+        return GetResult(resp.data, resp.etag, resp.metadata)
+
+    async def bulk_get(
+        self,
+        store: str,
+        keys: Sequence[str],
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[BulkGetItem]:
+        e = self.entry(store)
+        md = metadata or {}
+        reqs = [GetRequest(self.storage_key(e, k), md) for k in keys]
+        try:
+            items = await e.store.bulk_get(reqs)
+        except (StateError, ValueError) as exc:
+            raise PillionError(
+                Code.STATE_BULK_GET,
+                f"failed getting bulk state from state store {store}: {exc}",
+                500,
+                GrpcCode.INTERNAL,
+            ) from exc
+        # Give back the caller's keys, in the caller's order.
+        return [
+            BulkGetItem(k, it.data, it.etag, it.metadata, it.error)
+            for k, it in zip(keys, items, strict=True)
+        ]
+
+    async def save(self, store: str, items: Sequence[SaveItem]) -> None:
+        e = self.entry(store)
+        for it in items:
+            if not it.key:
+                raise PillionError(
+                    Code.MALFORMED_REQUEST,
+                    '"key" is a required field',
+                    400,
+                    GrpcCode.INVALID_ARGUMENT,
+                )
+        reqs = [self._set_request(e, it) for it in items]
+        if not reqs:
+            return
+        if len(reqs) == 1:
+            results: list[BaseException | None] = [await _capture(e.store.set(reqs[0]))]
+        else:
+            # Concurrent sets let a store group them into one commit.
+            results = await asyncio.gather(
+                *(_capture(e.store.set(r)) for r in reqs), return_exceptions=False
+            )
+        for exc in results:
+            if exc is not None:
+                raise _write_error(
+                    Code.STATE_SAVE, f"failed saving state in state store {store}", exc
+                )
+
+    async def delete(
+        self,
+        store: str,
+        key: str,
+        *,
+        etag: str | None = None,
+        concurrency: Concurrency = Concurrency.UNSPECIFIED,
+        consistency: Consistency = Consistency.UNSPECIFIED,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        e = self.entry(store)
+        req = DeleteRequest(
+            self.storage_key(e, key), etag or None, metadata or {}, concurrency, consistency
+        )
+        exc = await _capture(e.store.delete(req))
+        if exc is not None:
+            raise _write_error(Code.STATE_DELETE, f"failed deleting state with key {key}", exc)
+
+    async def bulk_delete(self, store: str, items: Sequence[SaveItem]) -> None:
+        e = self.entry(store)
+        reqs = [
+            DeleteRequest(
+                self.storage_key(e, it.key), it.etag, it.metadata, it.concurrency, it.consistency
+            )
+            for it in items
+        ]
+        results = await asyncio.gather(*(_capture(e.store.delete(r)) for r in reqs))
+        for exc in results:
+            if exc is not None:
+                raise _write_error(
+                    Code.STATE_BULK_DELETE, f"failed deleting state in state store {store}", exc
+                )
+
+    async def transaction(
+        self,
+        store: str,
+        operations: Sequence[TxOperation],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        e = self.entry(store)
+        st = e.store
+        if Feature.TRANSACTIONAL not in st.features() or not isinstance(st, TransactionalStore):
+            raise PillionError(
+                Code.STATE_STORE_NOT_SUPPORTED,
+                f"state store {store} doesn't support transactions",
+                500,
+                GrpcCode.UNIMPLEMENTED,
+                reason="DAPR_STATE_TRANSACTIONS_NOT_SUPPORTED",
+                resource_type="state",
+                resource_name=store,
+            )
+        limit = st.max_ops()
+        if limit and len(operations) > limit:
+            raise PillionError(
+                Code.STATE_STORE_TOO_MANY_TRANSACTIONS,
+                f"the transaction contains {len(operations)} operations, which is more than "
+                f"what the state store supports: {limit}",
+                400,
+                GrpcCode.INVALID_ARGUMENT,
+                reason="DAPR_STATE_TOO_MANY_TRANSACTIONS",
+                metadata={
+                    "currentOpsTransaction": str(len(operations)),
+                    "maxOpsPerTransaction": str(limit),
+                },
+                resource_type="state",
+                resource_name=store,
+            )
+        ops: list[Operation] = []
+        for o in operations:
+            if o.op == "upsert":
+                ops.append(self._set_request(e, o.item))
+            elif o.op == "delete":
+                it = o.item
+                ops.append(
+                    DeleteRequest(
+                        self.storage_key(e, it.key),
+                        it.etag,
+                        it.metadata,
+                        it.concurrency,
+                        it.consistency,
+                    )
+                )
+            else:
+                raise PillionError(
+                    Code.NOT_SUPPORTED_STATE_OPERATION,
+                    f"operation type {o.op} not supported",
+                    400,
+                    GrpcCode.INVALID_ARGUMENT,
+                )
+        if not ops:
+            return
+        try:
+            await st.multi(ops, metadata or {})
+        except (StateError, ValueError) as exc:
+            raise PillionError(
+                Code.STATE_TRANSACTION,
+                f"error while executing state transaction: {exc}",
+                500,
+                GrpcCode.INTERNAL,
+            ) from exc
+
+    def _set_request(self, e: StoreEntry, it: SaveItem) -> SetRequest:
+        if not it.key:
+            raise PillionError(
+                Code.MALFORMED_REQUEST, '"key" is a required field', 400, GrpcCode.INVALID_ARGUMENT
+            )
+        return SetRequest(
+            self.storage_key(e, it.key),
+            it.value,
+            it.etag or None,
+            it.metadata,
+            it.concurrency,
+            it.consistency,
+        )
+
+
+async def _capture(aw: object) -> BaseException | None:
+    """Await `aw` and return its store-level exception instead of raising it."""
+    try:
+        await aw  # type: ignore[misc]
+    except (StateError, ValueError) as exc:
+        return exc
+    return None
+
+
+def _write_error(code: Code, prefix: str, exc: BaseException) -> PillionError:
+    if isinstance(exc, ETagMismatch):
+        return PillionError(
+            code,
+            f"{prefix}: possible etag mismatch. error from state store: {exc}",
+            409,
+            GrpcCode.ABORTED,
+            reason=str(code),
+        )
+    if isinstance(exc, ETagInvalid):
+        return PillionError(
+            code,
+            f"{prefix}: invalid etag value: {exc}",
+            400,
+            GrpcCode.INVALID_ARGUMENT,
+            reason=str(code),
+        )
+    if isinstance(exc, ValueError):
+        return PillionError(code, f"{prefix}: {exc}", 400, GrpcCode.INVALID_ARGUMENT)
+    return PillionError(code, f"{prefix}: {exc}", 500, GrpcCode.INTERNAL, reason=str(code))
+
+
+def _illegal_key(store: str, key: str) -> PillionError:
+    return PillionError(
+        Code.MALFORMED_REQUEST,
+        f"input key/keyPrefix '{key}' can't contain '{SEPARATOR}'",
+        400,
+        GrpcCode.INVALID_ARGUMENT,
+        reason="DAPR_STATE_ILLEGAL_KEY",
+        resource_type="state",
+        resource_name=store,
+        violations=(FieldViolation(key, f"input key/keyPrefix '{key}' can't contain '||'"),),
+    )

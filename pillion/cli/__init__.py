@@ -1,0 +1,1 @@
+"""The `pillion` command line."""

@@ -1,0 +1,1 @@
+"""Component plug-ins: one contract per kind, one module per backend."""

@@ -1,0 +1,52 @@
+"""Component registry: (Dapr type, version) -> lazily imported implementation class."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Values are "module:Class"; modules import only when a manifest names the type, so a
+# sidecar pays start-up time only for the drivers it uses.
+_REGISTRY: dict[tuple[str, str], str] = {
+    ("state.in-memory", "v1"): "pillion.components.state.inmemory:InMemoryStateStore",
+    ("state.sqlite", "v1"): "pillion.components.state.sqlite:SQLiteStateStore",
+}
+
+# Extra to install when a driver import fails, by type prefix.
+_EXTRAS: dict[str, str] = {}
+
+
+class UnknownComponentError(LookupError):
+    pass
+
+
+def kinds() -> list[tuple[str, str]]:
+    """Every registered (type, version), sorted."""
+    return sorted(_REGISTRY)
+
+
+def category(component_type: str) -> str:
+    """'state' for 'state.redis'."""
+    return component_type.split(".", 1)[0]
+
+
+def load(component_type: str, version: str = "v1") -> type[Any]:
+    """The implementation class; raises UnknownComponentError with the known types."""
+    target = _REGISTRY.get((component_type, version or "v1"))
+    if target is None:
+        same = sorted(t for t, _ in _REGISTRY if category(t) == category(component_type))
+        hint = f"; known {category(component_type)} types: {', '.join(same)}" if same else ""
+        raise UnknownComponentError(
+            f"unknown component type {component_type}/{version or 'v1'}{hint}"
+        )
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        extra = _EXTRAS.get(component_type)
+        how = f" (install pillion[{extra}])" if extra else ""
+        raise UnknownComponentError(
+            f"component type {component_type} needs a driver that is not installed{how}: {exc}"
+        ) from exc
+    cls: type[Any] = getattr(module, class_name)
+    return cls

@@ -1,0 +1,1 @@
+"""Cross-sidecar coordination: membership and the name registry."""

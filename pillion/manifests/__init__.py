@@ -1,0 +1,1 @@
+"""Typed Dapr YAML resources and their loader."""

@@ -1,0 +1,1 @@
+"""Builds the sidecar from options and manifests and runs its lifecycle."""

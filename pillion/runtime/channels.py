@@ -1,0 +1,123 @@
+"""Adapters from the transport to the invoke block: the app channel and the sidecar link."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+
+from pillion.blocks.invoke import (
+    Address,
+    CallFailed,
+    Headers,
+    InvokeResponse,
+    Unreachable,
+    response_headers,
+)
+from pillion.errors import direct_invoke
+from pillion.transport.client import ConnectError, HttpClient, TransportError
+
+log = logging.getLogger("pillion.runtime.channels")
+
+
+def insecure_client_context() -> ssl.SSLContext:
+    """`--app-protocol https`: TLS to the app without certificate checks, as daprd does."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class SidecarLink:
+    """Caller sidecar -> callee sidecar over HTTP/1.1 on the internal port (TLS-ready)."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.client = HttpClient(ssl=tls, max_idle_per_host=256)
+
+    async def forward(
+        self, addr: Address, verb: str, target: bytes, headers: Headers, body: bytes
+    ) -> InvokeResponse:
+        try:
+            r = await self.client.request(addr.host, addr.port, verb, target, headers, body)
+        except ConnectError as exc:
+            raise Unreachable(str(exc)) from exc
+        except TransportError as exc:
+            raise CallFailed(str(exc) or type(exc).__name__) from exc
+        return InvokeResponse(r.status, r.reason, response_headers(r.headers), r.body)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class HttpAppChannel:
+    """Sidecar -> app over HTTP/1.1, bounded by --app-max-concurrency."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: bool = False,
+        max_concurrency: int = -1,
+        app_token: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.client = HttpClient(
+            ssl=insecure_client_context() if tls else None, max_idle_per_host=256
+        )
+        self._sem = asyncio.Semaphore(max_concurrency) if max_concurrency > 0 else None
+        self._token = app_token.encode() if app_token else None
+        self.healthy = True
+
+    async def invoke(
+        self, verb: str, target: bytes, headers: Headers, body: bytes
+    ) -> InvokeResponse:
+        if not self.healthy:
+            raise direct_invoke("app is not in a healthy state")
+        if self._token is not None:
+            headers = [*headers, (b"dapr-api-token", self._token)]
+        if self._sem is None:
+            return await self._call(verb, target, headers, body)
+        async with self._sem:
+            return await self._call(verb, target, headers, body)
+
+    async def _call(
+        self, verb: str, target: bytes, headers: Headers, body: bytes
+    ) -> InvokeResponse:
+        try:
+            r = await self.client.request(self.host, self.port, verb, target, headers, body)
+        except ConnectError as exc:
+            raise Unreachable(f"app at {self.host}:{self.port} is not reachable: {exc}") from exc
+        except TransportError as exc:
+            raise CallFailed(
+                f"app at {self.host}:{self.port}: {exc or type(exc).__name__}"
+            ) from exc
+        return InvokeResponse(r.status, r.reason, response_headers(r.headers), r.body)
+
+    async def wait_ready(self, interval: float = 0.1) -> None:
+        """TCP-dial the app port every `interval` until it accepts (daprd's start-up probe)."""
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(self.host, self.port)
+            except OSError:
+                await asyncio.sleep(interval)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+
+    async def probe(self, path: str, timeout: float) -> bool:
+        """One app health probe: GET path, 2xx = healthy."""
+        try:
+            r = await self.client.request(
+                self.host, self.port, "GET", path.encode(), [], b"", timeout=timeout
+            )
+        except TransportError:
+            return False
+        return 200 <= r.status < 300
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,252 @@
+"""The sidecar process: wires manifests, components, blocks and servers, and runs the lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from pillion import __version__
+from pillion.api.http import codec
+from pillion.api.http.router import HttpApi
+from pillion.blocks.health import Health
+from pillion.blocks.invoke import InvokeBlock
+from pillion.blocks.metadata import AppConnection, MetadataBlock
+from pillion.blocks.state import StateBlock
+from pillion.coordination.local import LocalBackend
+from pillion.coordination.names import NameResolver, register
+from pillion.errors import PillionError
+from pillion.home import pillion_home, registry_file
+from pillion.manifests.loader import ManifestError, load_configuration, load_resources
+from pillion.runtime import logs
+from pillion.runtime.channels import HttpAppChannel, SidecarLink
+from pillion.runtime.components import ComponentInitError, Loaded, load_components
+from pillion.runtime.options import SidecarOptions, build_parser, options_from_args
+from pillion.transport.http import Request, Response
+from pillion.transport.server import HttpServer
+
+log = logging.getLogger("pillion.runtime.sidecar")
+
+
+class Sidecar:
+    """One sidecar's objects and its start -> serve -> drain sequence (DESIGN.md §6)."""
+
+    def __init__(self, opts: SidecarOptions) -> None:
+        self.opts = opts
+        self.health = Health(opts.app_id)
+        self._stop = asyncio.Event()
+        self._stop_reason = ""
+        self._tasks: list[asyncio.Task[None]] = []
+        self.loaded = Loaded()
+        self.http_port = 0
+        self.internal_port = 0
+
+    def request_shutdown(self, reason: str = "shutdown API called") -> None:
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+
+    async def run(self) -> int:
+        t0 = time.monotonic()
+        opts = self.opts
+        loop = asyncio.get_running_loop()
+        for sig, name in ((signal.SIGTERM, "terminated"), (signal.SIGINT, "interrupt")):
+            loop.add_signal_handler(sig, self.request_shutdown, f"signal '{name}'")
+        log.info("Starting Dapr Runtime -- version %s (pillion)", __version__)
+        log.info("Log level set to: %s", opts.log_level)
+
+        try:
+            resources = load_resources(
+                opts.resources_paths,
+                app_id=opts.app_id,
+                namespace=opts.namespace,
+                env=os.environ,
+            )
+            api_logging = opts.enable_api_logging
+            if opts.config_files:
+                config = load_configuration(opts.config_files)
+                log.info("Loaded configuration: %s", config.name or ", ".join(opts.config_files))
+                api_logging = api_logging or config.api_logging
+        except ManifestError as exc:
+            log.critical("Fatal error from runtime: %s", exc)
+            return 1
+
+        home = pillion_home(opts.home)
+        backend = LocalBackend(registry_file(home))
+        resolver = NameResolver(backend)
+        link = SidecarLink()
+        app: HttpAppChannel | None = None
+        if opts.app_port:
+            if opts.app_protocol in ("grpc", "grpcs", "h2c"):
+                log.critical(
+                    "Fatal error from runtime: --app-protocol %s is not supported yet",
+                    opts.app_protocol,
+                )
+                return 1
+            app = HttpAppChannel(
+                opts.app_channel_address,
+                opts.app_port,
+                tls=opts.app_protocol == "https",
+                max_concurrency=opts.app_max_concurrency,
+                app_token=os.environ.get("APP_API_TOKEN"),
+            )
+        self.invoke = InvokeBlock(opts.app_id, opts.namespace, resolver, link, app)
+        # keyPrefix "namespace" falls back to the app id when NAMESPACE is unset.
+        self.state = StateBlock(opts.app_id, os.environ.get("NAMESPACE", ""), {})
+        meta = MetadataBlock(
+            opts.app_id,
+            lambda: list(self.loaded.views),
+            AppConnection(
+                opts.app_port,
+                opts.app_protocol,
+                opts.app_channel_address,
+                opts.app_max_concurrency,
+                opts.app_health_check_path if opts.enable_app_health_check else "",
+                opts.app_health_probe_interval,
+                opts.app_health_probe_timeout,
+                opts.app_health_threshold,
+            ),
+        )
+        api = HttpApi.with_env(
+            app_id=opts.app_id,
+            health=self.health,
+            state=self.state,
+            invoke=self.invoke,
+            metadata=meta,
+            request_shutdown=self.request_shutdown,
+            api_logging=api_logging,
+        )
+        api_server = HttpServer(api, max_body_size=opts.max_body_size)
+        internal_server = HttpServer(self._internal, max_body_size=opts.max_body_size)
+        session = None
+        try:
+            try:
+                for addr in opts.listen_addresses:
+                    self.http_port = await api_server.start(addr, opts.http_port)
+                self.internal_port = await internal_server.start(
+                    opts.listen_addresses[0], opts.internal_port
+                )
+            except OSError as exc:
+                log.critical("Fatal error from runtime: failed to start servers: %s", exc)
+                return 1
+            log.info("HTTP server is running on port %d", self.http_port)
+            log.info("Internal server (sidecar link) is running on port %d", self.internal_port)
+            self.invoke.own_address = f"{opts.listen_addresses[0]}:{self.internal_port}"
+
+            try:
+                self.loaded = await load_components(
+                    resources.components, app_id=opts.app_id, namespace=opts.namespace
+                )
+            except ComponentInitError as exc:
+                log.critical("Fatal error from runtime: process component error: %s", exc)
+                return 1
+            self.state.stores = dict(self.loaded.state)
+
+            await backend.start()
+            await resolver.start()
+            if opts.app_id:
+                session = await register(
+                    backend,
+                    app_id=opts.app_id,
+                    namespace=opts.namespace,
+                    address=f"{opts.listen_addresses[0]}:{self.internal_port}",
+                    host=socket.gethostname(),
+                )
+            self.health.outbound_ready = True
+            log.info("Outbound ready in %dms", (time.monotonic() - t0) * 1000)
+
+            self._tasks.append(asyncio.create_task(self._await_app(app, t0)))
+            await self._stop.wait()
+            log.info("Received %s; beginning shutdown", self._stop_reason)
+            log.info("Dapr shutting down")
+            self.health.ready = False
+            if session is not None:
+                await session.close()
+                session = None
+            api_server.stop_accepting()
+            internal_server.stop_accepting()
+            grace = opts.graceful_shutdown_seconds
+            await asyncio.gather(api_server.close(grace), internal_server.close(grace))
+            return 0
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            for t in self._tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+            if session is not None:
+                with contextlib.suppress(Exception):
+                    await session.close()
+            await api_server.close(0)
+            await internal_server.close(0)
+            await self.loaded.close()
+            await resolver.close()
+            await backend.close()
+            await link.close()
+            if app is not None:
+                await app.close()
+            log.info("Dapr runtime stopped")
+
+    async def _internal(self, req: Request) -> Response:
+        target = req.path.encode("latin-1")
+        if req.query:
+            target += b"?" + req.query
+        try:
+            r = await self.invoke.on_remote_call(req.method, target, req.headers, req.body)
+        except PillionError as err:
+            return codec.error(err)
+        return Response(r.status, r.headers, r.body, r.reason)
+
+    async def _await_app(self, app: HttpAppChannel | None, t0: float) -> None:
+        opts = self.opts
+        if app is not None:
+            log.info("Waiting for the app on port %d", opts.app_port)
+            await app.wait_ready()
+            log.info("Application discovered on port %d", opts.app_port)
+            if opts.enable_app_health_check:
+                self._tasks.append(asyncio.create_task(self._probe_app(app)))
+        self.health.ready = True
+        self.health.waiting_for = []
+        log.info(
+            "dapr initialized. Status: Running. Init Elapsed %dms", (time.monotonic() - t0) * 1000
+        )
+
+    async def _probe_app(self, app: HttpAppChannel) -> None:
+        opts = self.opts
+        failures = 0
+        while True:
+            ok = await app.probe(opts.app_health_check_path, opts.app_health_probe_timeout)
+            if ok:
+                failures = 0
+                if not app.healthy:
+                    log.info("App entered healthy status")
+                app.healthy = True
+            else:
+                failures += 1
+                if failures >= opts.app_health_threshold and app.healthy:
+                    log.warning("App entered un-healthy status")
+                    app.healthy = False
+            await asyncio.sleep(opts.app_health_probe_interval)
+
+
+def main(argv: list[str]) -> int:
+    ns = build_parser().parse_args(argv)
+    opts = options_from_args(ns, namespace=os.environ.get("NAMESPACE") or "default")
+    logs.setup(opts.app_id, opts.log_level, opts.log_as_json)
+    try:
+        import uvloop
+
+        return uvloop.run(Sidecar(opts).run())
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(Sidecar(opts).run())
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))

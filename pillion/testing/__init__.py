@@ -1,0 +1,1 @@
+"""Helpers to start sidecars and apps in tests."""
