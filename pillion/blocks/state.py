@@ -245,8 +245,8 @@ class StateBlock:
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         e = self.entry(store)
-        req = DeleteRequest(
-            self.storage_key(e, key), etag or None, metadata or {}, concurrency, consistency
+        req = self._delete_request(
+            e, SaveItem(key, b"", etag or None, metadata or {}, concurrency, consistency)
         )
         exc = await _capture(e.store.delete(req))
         if exc is not None:
@@ -254,12 +254,7 @@ class StateBlock:
 
     async def bulk_delete(self, store: str, items: Sequence[SaveItem]) -> None:
         e = self.entry(store)
-        reqs = [
-            DeleteRequest(
-                self.storage_key(e, it.key), it.etag, it.metadata, it.concurrency, it.consistency
-            )
-            for it in items
-        ]
+        reqs = [self._delete_request(e, it) for it in items]
         results = await asyncio.gather(*(_capture(e.store.delete(r)) for r in reqs))
         for exc in results:
             if exc is not None:
@@ -306,16 +301,7 @@ class StateBlock:
             if o.op == "upsert":
                 ops.append(self._set_request(e, o.item))
             elif o.op == "delete":
-                it = o.item
-                ops.append(
-                    DeleteRequest(
-                        self.storage_key(e, it.key),
-                        it.etag,
-                        it.metadata,
-                        it.concurrency,
-                        it.consistency,
-                    )
-                )
+                ops.append(self._delete_request(e, o.item))
             else:
                 raise PillionError(
                     Code.NOT_SUPPORTED_STATE_OPERATION,
@@ -334,6 +320,15 @@ class StateBlock:
                 500,
                 GrpcCode.INTERNAL,
             ) from exc
+
+    def _delete_request(self, e: StoreEntry, it: SaveItem) -> DeleteRequest:
+        return DeleteRequest(
+            self.storage_key(e, it.key),
+            it.etag or None,
+            it.metadata,
+            it.concurrency,
+            it.consistency,
+        )
 
     def _set_request(self, e: StoreEntry, it: SaveItem) -> SetRequest:
         if not it.key:

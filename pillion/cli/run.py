@@ -21,7 +21,7 @@ from pillion.cli.init import initialise, is_initialised
 from pillion.cli.instances import Instance, remove_instance, write_instance
 from pillion.cli.status import CliParser, UsageError
 from pillion.home import config_file, pillion_home, resources_dir
-from pillion.runtime.options import APP_PROTOCOLS, parse_size
+from pillion.runtime.options import APP_PROTOCOLS, parse_bool_flag, parse_port, parse_size
 
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "fatal")
 DEFAULT_CHANNEL_ADDRESS = "127.0.0.1"
@@ -63,25 +63,6 @@ def silly_name(rng: random.Random | None = None) -> str:
 # --------------------------------------------------------------------------- argument parsing
 
 
-def _bool(text: str) -> bool:
-    v = text.strip().lower()
-    if v in ("true", "1", "t", "yes"):
-        return True
-    if v in ("false", "0", "f", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}")
-
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from exc
-    if not -1 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range: {v}")
-    return v
-
-
 def _size(text: str) -> str:
     # Validated here so a typo fails before anything starts; the sidecar gets the text as written.
     try:
@@ -109,16 +90,24 @@ def build_parser() -> CliParser:
 
     def flag(*names: str, help: str = "") -> None:
         # Booleans take `--flag` or `--flag=true|false`, never a separate word (as in dapr's pflag).
-        a(*names, type=_bool, nargs="?", const=True, default=False, metavar="BOOL", help=help)
+        a(
+            *names,
+            type=parse_bool_flag,
+            nargs="?",
+            const=True,
+            default=False,
+            metavar="BOOL",
+            help=help,
+        )
 
     a("-a", "--app-id", default="", help="the app's id (default: a generated name)")
-    a("-p", "--app-port", type=_port, default=-1, help="the port the app listens on")
+    a("-p", "--app-port", type=parse_port, default=-1, help="the port the app listens on")
     a("-P", "--app-protocol", default="http", choices=APP_PROTOCOLS)
     a("--app-channel-address", default=DEFAULT_CHANNEL_ADDRESS)
-    a("-H", "--dapr-http-port", type=_port, default=-1, help="default: a free port")
-    a("-G", "--dapr-grpc-port", type=_port, default=-1, help="default: a free port")
-    a("-I", "--dapr-internal-grpc-port", type=_port, default=-1, help="default: a free port")
-    a("-M", "--metrics-port", type=_port, default=-1, help="default: a free port")
+    a("-H", "--dapr-http-port", type=parse_port, default=-1, help="default: a free port")
+    a("-G", "--dapr-grpc-port", type=parse_port, default=-1, help="default: a free port")
+    a("-I", "--dapr-internal-grpc-port", type=parse_port, default=-1, help="default: a free port")
+    a("-M", "--metrics-port", type=parse_port, default=-1, help="default: a free port")
     a("-c", "--config", default="", help="default: <home>/config.yaml when it exists")
     a("--resources-path", action="append", default=[], help="repeatable; default <home>/components")
     a("-d", "--components-path", action="append", default=[], help="deprecated: --resources-path")
@@ -137,7 +126,7 @@ def build_parser() -> CliParser:
     a("--app-health-threshold", type=int, default=None)
     a("--dapr-listen-addresses", default="")
     flag("--enable-profiling")
-    a("--profile-port", type=_port, default=-1)
+    a("--profile-port", type=parse_port, default=-1)
     flag("--app-ssl", help="deprecated: --app-protocol https|grpcs")
     a("--dapr-graceful-shutdown-seconds", type=_seconds, default=-1.0)
     a("--pillion-home", default="", help="default $PILLION_HOME or ~/.pillion")

@@ -42,7 +42,8 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _bool(text: str) -> bool:
+def parse_bool_flag(text: str) -> bool:
+    """A Go-style boolean flag value."""
     v = text.strip().lower()
     if v in ("true", "1", "t", "yes"):
         return True
@@ -58,7 +59,8 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _port(text: str) -> int:
+def parse_port(text: str) -> int:
+    """A port flag value (-1 and 0 mean unset)."""
     try:
         v = int(text)
     except ValueError as exc:
@@ -112,29 +114,29 @@ def build_parser(prog: str = "pillion sidecar") -> argparse.ArgumentParser:
     )
     a = p.add_argument
     a("--app-id", default="")
-    a("--app-port", type=_port, default=0)
+    a("--app-port", type=parse_port, default=0)
     a("--app-protocol", default="http", choices=APP_PROTOCOLS)
     a("--app-channel-address", default="127.0.0.1")
-    a("--app-ssl", type=_bool, nargs="?", const=True, default=False, help="deprecated")
-    a("--dapr-http-port", type=_port, default=3500)
-    a("--dapr-grpc-port", type=_port, default=50001)
-    a("--dapr-internal-grpc-port", type=_port, default=0)
-    a("--dapr-public-port", type=_port, default=0)
-    a("--metrics-port", type=_port, default=9090)
-    a("--enable-metrics", type=_bool, nargs="?", const=True, default=True)
+    a("--app-ssl", type=parse_bool_flag, nargs="?", const=True, default=False, help="deprecated")
+    a("--dapr-http-port", type=parse_port, default=3500)
+    a("--dapr-grpc-port", type=parse_port, default=50001)
+    a("--dapr-internal-grpc-port", type=parse_port, default=0)
+    a("--dapr-public-port", type=parse_port, default=0)
+    a("--metrics-port", type=parse_port, default=9090)
+    a("--enable-metrics", type=parse_bool_flag, nargs="?", const=True, default=True)
     a("--dapr-listen-addresses", default="127.0.0.1")
     a("--resources-path", action="append", default=[])
     a("--components-path", action="append", default=[], help="deprecated alias")
     a("--config", action="append", default=[])
     a("--log-level", default="info", choices=("debug", "info", "warn", "warning", "error", "fatal"))
-    a("--log-as-json", type=_bool, nargs="?", const=True, default=False)
-    a("--enable-api-logging", type=_bool, nargs="?", const=True, default=False)
+    a("--log-as-json", type=parse_bool_flag, nargs="?", const=True, default=False)
+    a("--enable-api-logging", type=parse_bool_flag, nargs="?", const=True, default=False)
     a("--app-max-concurrency", type=int, default=-1)
     a("--max-body-size", type=_size, default=None)
     a("--dapr-http-max-request-size", type=int, default=None, help="deprecated, in MB")
     a("--read-buffer-size", type=_size, default=None)
     a("--dapr-http-read-buffer-size", type=int, default=None, help="deprecated, in KB")
-    a("--enable-app-health-check", type=_bool, nargs="?", const=True, default=False)
+    a("--enable-app-health-check", type=parse_bool_flag, nargs="?", const=True, default=False)
     a("--app-health-check-path", default="/healthz")
     a("--app-health-probe-interval", type=int, default=5, help="seconds")
     a("--app-health-probe-timeout", type=int, default=500, help="milliseconds")
@@ -145,11 +147,11 @@ def build_parser(prog: str = "pillion sidecar") -> argparse.ArgumentParser:
     # Accepted for daprd compatibility; used by later building blocks.
     a("--placement-host-address", default="")
     a("--scheduler-host-address", default="")
-    a("--enable-mtls", type=_bool, nargs="?", const=True, default=False)
+    a("--enable-mtls", type=parse_bool_flag, nargs="?", const=True, default=False)
     a("--sentry-address", default="")
     a("--allowed-origins", default="*")
-    a("--enable-profiling", type=_bool, nargs="?", const=True, default=False)
-    a("--profile-port", type=_port, default=7777)
+    a("--enable-profiling", type=parse_bool_flag, nargs="?", const=True, default=False)
+    a("--profile-port", type=parse_port, default=7777)
     a("--unix-domain-socket", default="")
     a("--dapr-block-shutdown-duration", default="")
     a("--pillion-home", default="", help="host-wide state (default $PILLION_HOME or ~/.pillion)")

@@ -118,11 +118,8 @@ BAD_MANIFESTS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_MANIFESTS))
-def test_bad_manifest_stops_startup(tmp_path: Path, home: Path, case: str) -> None:
-    text, field = BAD_MANIFESTS[case]
-    (tmp_path / "ok.yaml").write_text("")
-    (tmp_path / "broken.yaml").write_text("---\n# first doc is fine\n---\n" + text)
+def failed_start(resources: Path, home: Path) -> tuple[int, str]:
+    """Run a sidecar expected to stop during start-up: its exit code and output."""
     r = subprocess.run(
         [
             sys.executable,
@@ -132,7 +129,7 @@ def test_bad_manifest_stops_startup(tmp_path: Path, home: Path, case: str) -> No
             "--app-id",
             "bad",
             "--resources-path",
-            str(tmp_path),
+            str(resources),
             "--dapr-http-port",
             str(free_port()),
             "--pillion-home",
@@ -142,8 +139,16 @@ def test_bad_manifest_stops_startup(tmp_path: Path, home: Path, case: str) -> No
         text=True,
         timeout=30,
     )
-    out = r.stdout + r.stderr
-    assert r.returncode != 0, out
+    return r.returncode, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MANIFESTS))
+def test_bad_manifest_stops_startup(tmp_path: Path, home: Path, case: str) -> None:
+    text, field = BAD_MANIFESTS[case]
+    (tmp_path / "ok.yaml").write_text("")
+    (tmp_path / "broken.yaml").write_text("---\n# first doc is fine\n---\n" + text)
+    code, out = failed_start(tmp_path, home)
+    assert code != 0, out
     assert "broken.yaml" in out and field in out, out
     assert "Traceback" not in out
 
@@ -153,27 +158,8 @@ def test_bad_component_metadata_and_unknown_type(tmp_path: Path, home: Path) -> 
         "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: s}\nspec:\n"
         "  type: state.nosuch\n  version: v1\n"
     )
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pillion",
-            "sidecar",
-            "--app-id",
-            "bad",
-            "--resources-path",
-            str(tmp_path),
-            "--dapr-http-port",
-            str(free_port()),
-            "--pillion-home",
-            str(home),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    out = r.stdout + r.stderr
-    assert r.returncode != 0 and "state.nosuch" in out and "Traceback" not in out
+    code, out = failed_start(tmp_path, home)
+    assert code != 0 and "state.nosuch" in out and "Traceback" not in out
     (tmp_path / "c.yaml").write_text(
         "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: s}\nspec:\n"
         "  type: state.sqlite\n  version: v1\n  ignoreErrors: true\n"
