@@ -112,7 +112,9 @@ def decode_transaction(body: bytes) -> tuple[list[TxOperation], dict[str, str]]:
     data = _load(body, "the transaction")
     if not isinstance(data, dict):
         raise malformed('failed to parse request body: expected {"operations": [...]}')
-    ops_raw = data.get("operations") or []
+    ops_raw = data.get("operations")
+    if ops_raw is None:
+        ops_raw = []
     if not isinstance(ops_raw, list):
         raise malformed('"operations" must be an array')
     ops: list[TxOperation] = []
