@@ -32,6 +32,10 @@ class GrpcCode(StrEnum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
 
 
+# Wire numbers of the codes: GrpcCode lists them in grpc's numeric order (0..16).
+GRPC_NUMBERS: dict[GrpcCode, int] = {code: i for i, code in enumerate(GrpcCode)}
+
+
 class Code(StrEnum):
     """Dapr's error codes (dapr-api.md §18.3) used by the blocks built so far."""
 
@@ -83,6 +87,8 @@ class PillionError(Exception):
     resource_type: str | None = None
     resource_name: str | None = None
     violations: tuple[FieldViolation, ...] = ()
+    # Dapr sends some errors rich over gRPC but legacy over HTTP (state save/delete).
+    http_legacy: bool = False
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -126,7 +132,7 @@ class PillionError(Exception):
 
     def to_json(self) -> bytes:
         body: dict[str, Any] = {"errorCode": self.code, "message": self.message}
-        details = self.details()
+        details = [] if self.http_legacy else self.details()
         if details:
             body["details"] = details
         return json.dumps(body).encode()

@@ -17,17 +17,17 @@ class Health:
     waiting_for: list[str] = field(default_factory=lambda: ["components", "app"])
 
     def check(self, appid: str | None = None) -> None:
+        if not self.ready:
+            raise PillionError(
+                Code.HEALTH_NOT_READY,
+                f"dapr is not ready: [{' '.join(self.waiting_for)}]",
+                500,
+                GrpcCode.INTERNAL,
+            )
         if appid is not None and appid != self.app_id:
             raise PillionError(
                 Code.HEALTH_APPID_NOT_MATCH,
                 "dapr app-id does not match",
-                500,
-                GrpcCode.INTERNAL,
-            )
-        if not self.ready:
-            raise PillionError(
-                Code.HEALTH_NOT_READY,
-                f"dapr is not ready: {self.waiting_for}",
                 500,
                 GrpcCode.INTERNAL,
             )

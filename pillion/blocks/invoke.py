@@ -50,6 +50,16 @@ _DROP_RESPONSE = frozenset(
     }
 )
 
+# Headers pillion adds between its own sidecars and channels (never seen by apps over HTTP):
+# the protobuf Any type URL of a gRPC payload, so `Any` values survive the HTTP link intact,
+# and a gRPC app's status code and message, so a gRPC caller gets the app's own status back.
+ANY_TYPE_HEADER = b"pillion-any-type-url"
+GRPC_STATUS_HEADER = b"pillion-grpc-status"
+GRPC_MESSAGE_HEADER = b"pillion-grpc-message"
+GRPC_DETAILS_HEADER = b"pillion-grpc-details"  # base64 of a google.rpc.Status
+# InvokeService without an HTTP verb: an HTTP app cannot take it (InvalidArgument at the callee).
+NO_VERB_HEADER = b"pillion-no-http-verb"
+
 CALLEE_HEADER = b"dapr-callee-app-id"
 CALLER_HEADER = b"dapr-caller-app-id"
 CALLER_NS_HEADER = b"dapr-caller-namespace"
@@ -119,7 +129,7 @@ class AppChannel(Protocol):
 def split_app_id(raw: str) -> tuple[str, str]:
     """("app", "ns") from "app.ns"; more than one dot is an invalid id."""
     if raw.count(".") > 1:
-        raise direct_invoke(f"invalid app id {raw}: more than one '.' in the id", 400)
+        raise direct_invoke(f"failed to invoke, id: {raw}, err: invalid app id {raw}")
     app, _, ns = raw.partition(".")
     if not app:
         raise direct_invoke(
@@ -205,8 +215,13 @@ class InvokeBlock:
     def _outbound_headers(self, req: InvokeRequest, target: str) -> Headers:
         out: Headers = []
         host = b""
+        named: frozenset[bytes] = frozenset()
         for k, v in req.headers:
-            if k in _DROP or k.endswith(b"-bin"):
+            if k == b"connection":
+                # Headers listed in Connection are hop-by-hop too.
+                named = frozenset(t.strip().lower() for t in v.split(b",") if t.strip())
+        for k, v in req.headers:
+            if k in _DROP or k in named or k.endswith(b"-bin"):
                 if k == b"host":
                     host = v
                 continue

@@ -58,7 +58,7 @@ class MetadataBlock:
                 }
                 for c in comps
             ]
-        out["extended"] = {"daprRuntimeVersion": DAPR_RUNTIME_VERSION, **self.extended}
+        out["extended"] = {**self.extended, "daprRuntimeVersion": DAPR_RUNTIME_VERSION}
         if self.app is not None:
             a = self.app
             props: dict[str, Any] = {"protocol": a.protocol, "channelAddress": a.channel_address}
@@ -79,8 +79,17 @@ class MetadataBlock:
 
 
 def _go_duration(seconds: float) -> str:
+    """Go's time.Duration.String(): 1m30s, 500ms, 0s."""
+    if seconds == 0:
+        return "0s"
     if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    if seconds == int(seconds):
-        return f"{int(seconds)}s"
-    return f"{seconds}s"
+        ms = seconds * 1000
+        return f"{ms:g}ms" if ms >= 1 else f"{seconds * 1e6:g}µs"
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    out = f"{s:g}s"
+    if m or h:
+        out = f"{int(m)}m{out}"
+    if h:
+        out = f"{int(h)}h{out}"
+    return out

@@ -148,7 +148,7 @@ class StateBlock:
         else:
             if SEPARATOR in strategy:
                 raise _illegal_key(e.name, strategy)
-            prefix = strategy
+            prefix = low  # Dapr lowercases a custom prefix
         if not prefix:
             return key
         return f"{prefix}{SEPARATOR}{key}"
@@ -362,6 +362,7 @@ def _write_error(code: Code, prefix: str, exc: BaseException) -> PillionError:
             409,
             GrpcCode.ABORTED,
             reason=str(code),
+            http_legacy=True,
         )
     if isinstance(exc, ETagInvalid):
         return PillionError(
@@ -370,10 +371,13 @@ def _write_error(code: Code, prefix: str, exc: BaseException) -> PillionError:
             400,
             GrpcCode.INVALID_ARGUMENT,
             reason=str(code),
+            http_legacy=True,
         )
     if isinstance(exc, ValueError):
         return PillionError(code, f"{prefix}: {exc}", 400, GrpcCode.INVALID_ARGUMENT)
-    return PillionError(code, f"{prefix}: {exc}", 500, GrpcCode.INTERNAL, reason=str(code))
+    return PillionError(
+        code, f"{prefix}: {exc}", 500, GrpcCode.INTERNAL, reason=str(code), http_legacy=True
+    )
 
 
 def _illegal_key(store: str, key: str) -> PillionError:

@@ -8,6 +8,7 @@ import logging
 import ssl
 
 from pillion.blocks.invoke import (
+    NO_VERB_HEADER,
     Address,
     CallFailed,
     Headers,
@@ -15,7 +16,7 @@ from pillion.blocks.invoke import (
     Unreachable,
     response_headers,
 )
-from pillion.errors import direct_invoke
+from pillion.errors import GrpcCode, PillionError, direct_invoke
 from pillion.transport.client import ConnectError, HttpClient, TransportError
 
 log = logging.getLogger("pillion.runtime.channels")
@@ -50,6 +51,19 @@ class SidecarLink:
         await self.client.close()
 
 
+def _strip_internal(headers: Headers) -> Headers:
+    """Drop pillion's link headers before an HTTP app sees the call."""
+    if any(k == NO_VERB_HEADER for k, _ in headers):
+        # gRPC InvokeService without http_extension cannot reach an HTTP app (as in Dapr).
+        raise PillionError(
+            "ERR_DIRECT_INVOKE",
+            "missing HTTP extension field",
+            400,
+            GrpcCode.INVALID_ARGUMENT,
+        )
+    return [(k, v) for k, v in headers if not k.startswith(b"pillion-")]
+
+
 class HttpAppChannel:
     """Sidecar -> app over HTTP/1.1, bounded by --app-max-concurrency."""
 
@@ -76,6 +90,8 @@ class HttpAppChannel:
     ) -> InvokeResponse:
         if not self.healthy:
             raise direct_invoke("app is not in a healthy state")
+        if any(k.startswith(b"pillion-") for k, _ in headers):
+            headers = _strip_internal(headers)
         if self._token is not None:
             headers = [*headers, (b"dapr-api-token", self._token)]
         if self._sem is None:

@@ -15,12 +15,12 @@ from pillion import __version__
 from pillion.api.http import codec
 from pillion.api.http.router import HttpApi
 from pillion.blocks.health import Health
-from pillion.blocks.invoke import InvokeBlock
+from pillion.blocks.invoke import GRPC_MESSAGE_HEADER, GRPC_STATUS_HEADER, InvokeBlock
 from pillion.blocks.metadata import AppConnection, MetadataBlock
 from pillion.blocks.state import StateBlock
 from pillion.coordination.local import LocalBackend
 from pillion.coordination.names import NameResolver, register
-from pillion.errors import PillionError
+from pillion.errors import GRPC_NUMBERS, PillionError
 from pillion.home import pillion_home, registry_file
 from pillion.manifests.loader import ManifestError, load_configuration, load_resources
 from pillion.runtime import logs
@@ -199,7 +199,14 @@ class Sidecar:
         try:
             r = await self.invoke.on_remote_call(req.method, target, req.headers, req.body)
         except PillionError as err:
-            return codec.error(err)
+            # The caller sidecar may be serving a gRPC client: give it the exact status too.
+            resp = codec.error(err)
+            resp.headers = [
+                *resp.headers,
+                (GRPC_STATUS_HEADER, str(GRPC_NUMBERS[err.grpc_code]).encode()),
+                (GRPC_MESSAGE_HEADER, err.message.encode("utf-8", "replace")),
+            ]
+            return resp
         return Response(r.status, r.headers, r.body, r.reason)
 
     async def _await_app(self, app: HttpAppChannel | None, t0: float) -> None:

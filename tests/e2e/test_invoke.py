@@ -140,7 +140,8 @@ def test_unknown_app_and_bad_ids(pair: Pair) -> None:
     assert r.json()["errorCode"] == "ERR_DIRECT_INVOKE"
     assert "ghost" in r.json()["message"]
     r = call(pair.alpha.http_port, "GET", "/v1.0/invoke/a.b.c/method/x")
-    assert r.status == 400 and r.json()["errorCode"] == "ERR_DIRECT_INVOKE"
+    assert r.status == 500 and r.json()["errorCode"] == "ERR_DIRECT_INVOKE"
+    assert "invalid app id a.b.c" in r.json()["message"]
     r = call(pair.alpha.http_port, "POST", "/not/an/api")
     assert r.status == 404
     assert r.json()["errorCode"] == "ERR_DIRECT_INVOKE"

@@ -12,7 +12,11 @@ from pillion.errors import Code, GrpcCode, PillionError, malformed
 from pillion.transport.http import Response
 
 JSON = (b"content-type", b"application/json")
-NO_CONTENT = Response(204)
+
+
+def no_content() -> Response:
+    """A fresh 204 (responses are mutable: a shared one would collect headers)."""
+    return Response(204)
 
 
 def error(err: PillionError) -> Response:
@@ -138,10 +142,16 @@ def decode_transaction(body: bytes) -> tuple[list[TxOperation], dict[str, str]]:
 def _raw_json(data: bytes) -> bytes:
     """Stored bytes embedded as JSON: verbatim when they are JSON, else as a JSON string."""
     try:
-        json.loads(data)
-        return data
+        json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        if not data.startswith(b"\xef\xbb\xbf"):
+            return data
     except (ValueError, UnicodeDecodeError):
-        return json.dumps(data.decode("utf-8", "replace")).encode()
+        pass
+    return json.dumps(data.decode("utf-8", "replace")).encode()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def bulk_get_response(items: Sequence[BulkGetItem]) -> Response:

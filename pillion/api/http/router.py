@@ -116,7 +116,7 @@ class HttpApi:
         if block == "shutdown" and version == "v1.0":
             _allow(req, "POST")
             self.request_shutdown()
-            return codec.NO_CONTENT
+            return codec.no_content()
         if block in _LATER_BLOCKS:
             raise unimplemented(_LATER_BLOCKS[block])
         return await self._fallback(req, path)
@@ -135,12 +135,12 @@ class HttpApi:
         _allow(req, "GET", "HEAD")
         if rest == ["outbound"]:
             self.health.check_outbound()
-            return codec.NO_CONTENT
+            return codec.no_content()
         if rest:
             raise _not_found(req)
         appid = _query(req).get("appid")
         self.health.check(appid)
-        return codec.NO_CONTENT
+        return codec.no_content()
 
     def _metadata(self, req: Request, rest: list[str]) -> Response:
         if not rest:
@@ -149,7 +149,7 @@ class HttpApi:
         if len(rest) == 1:
             _allow(req, "PUT")
             self.metadata.set(unquote(rest[0]), req.body.decode("utf-8", "replace"))
-            return codec.NO_CONTENT
+            return codec.no_content()
         raise _not_found(req)
 
     # --- service invocation -------------------------------------------------------------------
@@ -168,7 +168,10 @@ class HttpApi:
         resp = await self.invoke.invoke(
             InvokeRequest(app_id, method, req.method, req.query, req.headers, req.body, req.peer)
         )
-        return Response(resp.status, resp.headers, resp.body, resp.reason)
+        headers = resp.headers
+        if any(k.startswith(b"pillion-") for k, _ in headers):
+            headers = [(k, v) for k, v in headers if not k.startswith(b"pillion-")]
+        return Response(resp.status, headers, resp.body, resp.reason)
 
     async def _fallback(self, req: Request, path: str) -> Response:
         basic = _basic_auth_app_id(req)
@@ -204,7 +207,7 @@ class HttpApi:
             _allow(req, "POST", "PUT")
             items = codec.decode_save(req.body, md)
             await self.state.save(store, items)
-            return codec.NO_CONTENT
+            return codec.no_content()
         sub = rest[1:]
         if sub == ["bulk"] and req.method in ("POST", "PUT"):
             keys, body_md = codec.decode_bulk_get(req.body)
@@ -213,14 +216,14 @@ class HttpApi:
         if sub == ["transaction"] and req.method in ("POST", "PUT"):
             ops, body_md = codec.decode_transaction(req.body)
             await self.state.transaction(store, ops, {**body_md, **md})
-            return codec.NO_CONTENT
+            return codec.no_content()
         key = unquote("/".join(sub))
         if req.method == "GET":
             res = await self.state.get(
                 store, key, consistency=codec.consistency(q.get("consistency")), metadata=md
             )
             if res is None:
-                return codec.NO_CONTENT
+                return codec.no_content()
             headers = [(b"content-type", b"application/json")]
             if res.etag is not None:
                 headers.append((b"etag", res.etag.encode()))
@@ -237,7 +240,7 @@ class HttpApi:
                 consistency=codec.consistency(q.get("consistency")),
                 metadata=md,
             )
-            return codec.NO_CONTENT
+            return codec.no_content()
         raise _method_not_allowed(req)
 
 
