@@ -7,6 +7,7 @@ import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import unquote
 
 from pillion.errors import PillionError, direct_invoke
 
@@ -59,6 +60,22 @@ GRPC_MESSAGE_HEADER = b"pillion-grpc-message"
 GRPC_DETAILS_HEADER = b"pillion-grpc-details"  # base64 of a google.rpc.Status
 # InvokeService without an HTTP verb: an HTTP app cannot take it (InvalidArgument at the callee).
 NO_VERB_HEADER = b"pillion-no-http-verb"
+
+
+def encode_grpc_message(text: str) -> bytes:
+    """grpc-message's encoding: `%` and bytes outside printable ASCII percent-escaped."""
+    out = bytearray()
+    for b in text.encode("utf-8"):
+        if 0x20 <= b <= 0x7E and b != 0x25:
+            out.append(b)
+        else:
+            out += b"%%%02X" % b
+    return bytes(out)
+
+
+def decode_grpc_message(raw: bytes) -> str:
+    return unquote(raw.decode("ascii", "replace"))
+
 
 CALLEE_HEADER = b"dapr-callee-app-id"
 CALLER_HEADER = b"dapr-caller-app-id"
@@ -151,7 +168,13 @@ def clean_method(method: str) -> str:
 
 
 def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """A peer sidecar's response headers, minus framing (pillion's link headers kept)."""
     return [(k, v) for k, v in headers if k not in _DROP_RESPONSE]
+
+
+def app_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """An app's response headers, minus framing and any spoofed pillion link header."""
+    return [(k, v) for k, v in headers if k not in _DROP_RESPONSE and not k.startswith(b"pillion-")]
 
 
 class InvokeBlock:

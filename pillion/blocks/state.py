@@ -321,6 +321,27 @@ class StateBlock:
                 GrpcCode.INTERNAL,
             ) from exc
 
+    async def query(self, store: str, query: bytes, metadata: Mapping[str, str]) -> None:
+        """The state query API (alpha): no store declares QUERY_API yet."""
+        e = self.entry(store)
+        if Feature.QUERY_API not in e.store.features():
+            raise PillionError(
+                Code.STATE_STORE_NOT_SUPPORTED,
+                f"state store {store} doesn't support query",
+                500,
+                GrpcCode.INTERNAL,
+                reason="DAPR_STATE_QUERYING_NOT_SUPPORTED",
+                resource_type="state",
+                resource_name=store,
+            )
+        raise PillionError(
+            Code.STATE_QUERY,
+            f"state store {store}: querying is not implemented in this version of pillion",
+            500,
+            GrpcCode.INTERNAL,
+            reason="DAPR_STATE_QUERY_FAILED",
+        )
+
     def _delete_request(self, e: StoreEntry, it: SaveItem) -> DeleteRequest:
         return DeleteRequest(
             self.storage_key(e, it.key),
@@ -373,8 +394,10 @@ def _write_error(code: Code, prefix: str, exc: BaseException) -> PillionError:
             reason=str(code),
             http_legacy=True,
         )
-    if isinstance(exc, ValueError):
-        return PillionError(code, f"{prefix}: {exc}", 400, GrpcCode.INVALID_ARGUMENT)
+    if isinstance(exc, ValueError):  # e.g. a bad ttlInSeconds: Dapr answers 500 here too
+        return PillionError(
+            code, f"{prefix}: {exc}", 500, GrpcCode.INTERNAL, reason=str(code), http_legacy=True
+        )
     return PillionError(
         code, f"{prefix}: {exc}", 500, GrpcCode.INTERNAL, reason=str(code), http_legacy=True
     )

@@ -24,6 +24,8 @@ class Member:
     pid: int = 0
     api_level: int = 0
     started_ms: int = 0
+    # The sidecar's gRPC API address "host:port" (the gRPC proxy's target); "" when it has none.
+    grpc_address: str = ""
 
 
 @dataclass(frozen=True, slots=True)

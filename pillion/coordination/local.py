@@ -102,6 +102,7 @@ def _member_to_json(m: Member) -> str:
             "pid": m.pid,
             "api_level": m.api_level,
             "started_ms": m.started_ms,
+            "grpc_address": m.grpc_address,
         },
         separators=(",", ":"),
     )
@@ -121,6 +122,7 @@ def _member_from_json(raw: str) -> Member:
         pid=int(d.get("pid", 0)),
         api_level=int(d.get("api_level", 0)),
         started_ms=int(d.get("started_ms", 0)),
+        grpc_address=str(d.get("grpc_address", "")),
     )
 
 

@@ -46,22 +46,36 @@ class Address:
 
 
 _Key = tuple[str, str]  # (namespace, app_id)
+_Index = dict[_Key, tuple[Address, ...]]
 
 
-def _index(view: MemberView) -> dict[_Key, tuple[Address, ...]]:
+def _index(view: MemberView) -> tuple[_Index, _Index]:
+    """(internal link addresses, gRPC API addresses) of each app's members."""
     found: dict[_Key, list[Address]] = {}
+    found_grpc: dict[_Key, list[Address]] = {}
     # Sorted by session id so every resolver walks a scaled-out app's members in the same order.
     for sid in sorted(view.members):
         m = view.members[sid]
         if not m.app_id:
             continue
+        key = (m.namespace, m.app_id)
         try:
             addr = Address.parse(m.address)
         except ValueError:
             log.warning("member %s of app %r has a bad address %r", sid, m.app_id, m.address)
             continue
-        found.setdefault((m.namespace, m.app_id), []).append(addr)
-    return {k: tuple(v) for k, v in found.items()}
+        found.setdefault(key, []).append(addr)
+        if not m.grpc_address:
+            continue  # a sidecar without a gRPC API (or of an older version)
+        try:
+            grpc_addr = Address.parse(m.grpc_address)
+        except ValueError:
+            log.warning(
+                "member %s of app %r has a bad gRPC address %r", sid, m.app_id, m.grpc_address
+            )
+            continue
+        found_grpc.setdefault(key, []).append(grpc_addr)
+    return {k: tuple(v) for k, v in found.items()}, {k: tuple(v) for k, v in found_grpc.items()}
 
 
 class NameResolver:
@@ -77,7 +91,9 @@ class NameResolver:
         self._refresh_s = refresh_s
         self._revision = -1
         self._index: Mapping[_Key, tuple[Address, ...]] = {}
+        self._grpc_index: Mapping[_Key, tuple[Address, ...]] = {}
         self._next: dict[_Key, int] = {}
+        self._next_grpc: dict[_Key, int] = {}
         self._stale: set[_Key] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -103,15 +119,27 @@ class NameResolver:
 
     async def resolve(self, app_id: str, namespace: str = "") -> Address:
         """An address of a live sidecar of `app_id`, round-robin over its members."""
+        return await self._pick(app_id, namespace, grpc=False)
+
+    async def resolve_grpc(self, app_id: str, namespace: str = "") -> Address:
+        """The gRPC API address of a live sidecar of `app_id`, round-robin over its members.
+
+        AppNotFound also when the app's members registered no gRPC address.
+        """
+        return await self._pick(app_id, namespace, grpc=True)
+
+    async def _pick(self, app_id: str, namespace: str, *, grpc: bool) -> Address:
         key = (namespace, app_id)
-        if key in self._stale or key not in self._index:
+        # A fresh read refreshes both indexes, so one invalidation serves whichever asks first.
+        if key in self._stale or key not in (self._grpc_index if grpc else self._index):
             self._stale.discard(key)
             await self._refresh()
-        addrs = self._index.get(key)
+        index, turns = (self._grpc_index, self._next_grpc) if grpc else (self._index, self._next)
+        addrs = index.get(key)
         if not addrs:
             raise AppNotFound(app_id, namespace)
-        i = self._next.get(key, 0)
-        self._next[key] = i + 1
+        i = turns.get(key, 0)
+        turns[key] = i + 1
         return addrs[i % len(addrs)]
 
     def invalidate(self, app_id: str, namespace: str = "") -> None:
@@ -126,7 +154,7 @@ class NameResolver:
         if view.revision < self._revision:
             return
         self._revision = view.revision
-        self._index = _index(view)
+        self._index, self._grpc_index = _index(view)
 
     async def _follow(self) -> None:
         while True:
@@ -156,12 +184,17 @@ async def register(
     host: str,
     actor_types: frozenset[str] = frozenset(),
     ttl_s: float = 5.0,
+    grpc_address: str = "",
 ) -> Session:
     """Join as a member serving `app_id` at `address` ("host:port" of the internal port).
 
-    Call it once the internal port listens, so nobody resolves to an address that refuses.
+    `grpc_address` is the "host:port" of the sidecar's gRPC API, where peers proxy gRPC calls.
+    Call it once both ports listen, so nobody resolves to an address that refuses.
     """
-    Address.parse(address)  # a bad address fails here, not in every caller's resolve
+    # A bad address fails here, not in every caller's resolve.
+    Address.parse(address)
+    if grpc_address:
+        Address.parse(grpc_address)
     me = Member(
         host=host,
         app_id=app_id,
@@ -171,5 +204,6 @@ async def register(
         namespace=namespace,
         pid=os.getpid(),
         started_ms=int(time.time() * 1000),
+        grpc_address=grpc_address,
     )
     return await backend.join(me, ttl_s)

@@ -14,6 +14,7 @@ from pillion.blocks.invoke import (
     Headers,
     InvokeResponse,
     Unreachable,
+    app_response_headers,
     response_headers,
 )
 from pillion.errors import GrpcCode, PillionError, direct_invoke
@@ -90,6 +91,10 @@ class HttpAppChannel:
     ) -> InvokeResponse:
         if not self.healthy:
             raise direct_invoke("app is not in a healthy state")
+        if verb == "CONNECT":
+            raise PillionError(
+                "ERR_DIRECT_INVOKE", "invalid HTTP verb: CONNECT", 400, GrpcCode.INVALID_ARGUMENT
+            )
         if any(k.startswith(b"pillion-") for k, _ in headers):
             headers = _strip_internal(headers)
         if self._token is not None:
@@ -110,7 +115,7 @@ class HttpAppChannel:
             raise CallFailed(
                 f"app at {self.host}:{self.port}: {exc or type(exc).__name__}"
             ) from exc
-        return InvokeResponse(r.status, r.reason, response_headers(r.headers), r.body)
+        return InvokeResponse(r.status, r.reason, app_response_headers(r.headers), r.body)
 
     async def wait_ready(self, interval: float = 0.1) -> None:
         """TCP-dial the app port every `interval` until it accepts (daprd's start-up probe)."""

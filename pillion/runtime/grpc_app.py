@@ -32,6 +32,7 @@ from pillion.blocks.invoke import (
     Headers,
     InvokeResponse,
     Unreachable,
+    encode_grpc_message,
 )
 from pillion.errors import direct_invoke
 
@@ -194,17 +195,6 @@ def build_request(
     )
 
 
-def _grpc_message(text: str) -> bytes:
-    """gRPC's grpc-message encoding: percent-encode `%` and bytes outside printable ASCII."""
-    out = bytearray()
-    for b in text.encode("utf-8"):
-        if 0x20 <= b <= 0x7E and b != 0x25:
-            out.append(b)
-        else:
-            out += b"%%%02X" % b
-    return bytes(out)
-
-
 def _status_json(st: status_pb2.Status) -> bytes:
     """JSON of a google.rpc.Status as Dapr's protojson writes it (camelCase, no empty fields)."""
     try:
@@ -244,7 +234,7 @@ def error_response(exc: grpc.aio.AioRpcError) -> InvokeResponse:
     headers: Headers = [
         (b"content-type", b"application/json"),
         (GRPC_STATUS_HEADER, str(number).encode()),
-        (GRPC_MESSAGE_HEADER, _grpc_message(message)),
+        (GRPC_MESSAGE_HEADER, encode_grpc_message(message)),
     ]
     if raw is not None:
         headers.append((GRPC_DETAILS_HEADER, base64.b64encode(raw)))
@@ -304,6 +294,10 @@ class GrpcAppChannel:
         self._health: Any = None
 
     # --- the channel ------------------------------------------------------------------------------
+
+    def open_channel(self) -> grpc.aio.Channel | None:
+        """The channel if `get_channel` already opened it (the gRPC proxy borrows it)."""
+        return self._channel
 
     async def get_channel(self) -> grpc.aio.Channel:
         """The one channel to the app (created on first use; for grpcs, after a TLS handshake).

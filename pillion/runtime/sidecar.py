@@ -11,11 +11,21 @@ import socket
 import sys
 import time
 
+import grpc
+
 from pillion import __version__
+from pillion.api.grpc.dapr_api import DaprApi
+from pillion.api.grpc.proxy import GrpcProxy
+from pillion.api.grpc.server import start_grpc_server
 from pillion.api.http import codec
 from pillion.api.http.router import HttpApi
 from pillion.blocks.health import Health
-from pillion.blocks.invoke import GRPC_MESSAGE_HEADER, GRPC_STATUS_HEADER, InvokeBlock
+from pillion.blocks.invoke import (
+    GRPC_MESSAGE_HEADER,
+    GRPC_STATUS_HEADER,
+    InvokeBlock,
+    encode_grpc_message,
+)
 from pillion.blocks.metadata import AppConnection, MetadataBlock
 from pillion.blocks.state import StateBlock
 from pillion.coordination.local import LocalBackend
@@ -26,6 +36,7 @@ from pillion.manifests.loader import ManifestError, load_configuration, load_res
 from pillion.runtime import logs
 from pillion.runtime.channels import HttpAppChannel, SidecarLink
 from pillion.runtime.components import ComponentInitError, Loaded, load_components
+from pillion.runtime.grpc_app import GrpcAppChannel
 from pillion.runtime.options import SidecarOptions, build_parser, options_from_args
 from pillion.transport.http import Request, Response
 from pillion.transport.server import HttpServer
@@ -45,6 +56,7 @@ class Sidecar:
         self.loaded = Loaded()
         self.http_port = 0
         self.internal_port = 0
+        self.grpc_port = 0
 
     def request_shutdown(self, reason: str = "shutdown API called") -> None:
         if not self._stop.is_set():
@@ -80,21 +92,14 @@ class Sidecar:
         backend = LocalBackend(registry_file(home))
         resolver = NameResolver(backend)
         link = SidecarLink()
-        app: HttpAppChannel | None = None
+        app_token = os.environ.get("APP_API_TOKEN") or None
+        api_token = os.environ.get("DAPR_API_TOKEN") or None
+        app: AppChannel | None = None
         if opts.app_port:
-            if opts.app_protocol in ("grpc", "grpcs", "h2c"):
-                log.critical(
-                    "Fatal error from runtime: --app-protocol %s is not supported yet",
-                    opts.app_protocol,
-                )
+            if opts.app_protocol == "h2c":
+                log.critical("Fatal error from runtime: --app-protocol h2c is not supported yet")
                 return 1
-            app = HttpAppChannel(
-                opts.app_channel_address,
-                opts.app_port,
-                tls=opts.app_protocol == "https",
-                max_concurrency=opts.app_max_concurrency,
-                app_token=os.environ.get("APP_API_TOKEN"),
-            )
+            app = _app_channel(opts, app_token)
         self.invoke = InvokeBlock(opts.app_id, opts.namespace, resolver, link, app)
         # keyPrefix "namespace" falls back to the app id when NAMESPACE is unset.
         self.state = StateBlock(opts.app_id, os.environ.get("NAMESPACE", ""), {})
@@ -123,6 +128,23 @@ class Sidecar:
         )
         api_server = HttpServer(api, max_body_size=opts.max_body_size)
         internal_server = HttpServer(self._internal, max_body_size=opts.max_body_size)
+        dapr_api = DaprApi(
+            state=self.state,
+            invoke=self.invoke,
+            metadata=meta,
+            request_shutdown=self.request_shutdown,
+            app_id=opts.app_id,
+        )
+        proxy = GrpcProxy(
+            app_id=opts.app_id,
+            namespace=opts.namespace,
+            resolver=resolver,
+            local_app=app.open_channel if isinstance(app, GrpcAppChannel) else lambda: None,
+            max_message_size=opts.max_body_size,
+            app_token=app_token,
+            peer_token=api_token,
+        )
+        grpc_server: grpc.aio.Server | None = None
         session = None
         try:
             try:
@@ -131,10 +153,19 @@ class Sidecar:
                 self.internal_port = await internal_server.start(
                     opts.listen_addresses[0], opts.internal_port
                 )
+                grpc_server, self.grpc_port = await start_grpc_server(
+                    dapr_api,
+                    host=list(opts.listen_addresses),
+                    port=opts.grpc_port,
+                    max_message_size=opts.max_body_size,
+                    api_token=api_token,
+                    generic_handlers=[proxy],
+                )
             except OSError as exc:
                 log.critical("Fatal error from runtime: failed to start servers: %s", exc)
                 return 1
             log.info("HTTP server is running on port %d", self.http_port)
+            log.info("gRPC server is running on port %d", self.grpc_port)
             log.info("Internal server (sidecar link) is running on port %d", self.internal_port)
             self.invoke.own_address = f"{opts.listen_addresses[0]}:{self.internal_port}"
 
@@ -155,6 +186,7 @@ class Sidecar:
                     app_id=opts.app_id,
                     namespace=opts.namespace,
                     address=f"{opts.listen_addresses[0]}:{self.internal_port}",
+                    grpc_address=f"{opts.listen_addresses[0]}:{self.grpc_port}",
                     host=socket.gethostname(),
                 )
             self.health.outbound_ready = True
@@ -171,7 +203,11 @@ class Sidecar:
             api_server.stop_accepting()
             internal_server.stop_accepting()
             grace = opts.graceful_shutdown_seconds
-            await asyncio.gather(api_server.close(grace), internal_server.close(grace))
+            await asyncio.gather(
+                api_server.close(grace),
+                internal_server.close(grace),
+                grpc_server.stop(grace),
+            )
             return 0
         finally:
             for t in self._tasks:
@@ -184,6 +220,9 @@ class Sidecar:
                     await session.close()
             await api_server.close(0)
             await internal_server.close(0)
+            if grpc_server is not None:
+                await grpc_server.stop(0)
+            await proxy.close()
             await self.loaded.close()
             await resolver.close()
             await backend.close()
@@ -204,16 +243,18 @@ class Sidecar:
             resp.headers = [
                 *resp.headers,
                 (GRPC_STATUS_HEADER, str(GRPC_NUMBERS[err.grpc_code]).encode()),
-                (GRPC_MESSAGE_HEADER, err.message.encode("utf-8", "replace")),
+                (GRPC_MESSAGE_HEADER, encode_grpc_message(err.message)),
             ]
             return resp
         return Response(r.status, r.headers, r.body, r.reason)
 
-    async def _await_app(self, app: HttpAppChannel | None, t0: float) -> None:
+    async def _await_app(self, app: AppChannel | None, t0: float) -> None:
         opts = self.opts
         if app is not None:
             log.info("Waiting for the app on port %d", opts.app_port)
             await app.wait_ready()
+            if isinstance(app, GrpcAppChannel):
+                await app.get_channel()
             log.info("Application discovered on port %d", opts.app_port)
             if opts.enable_app_health_check:
                 self._tasks.append(asyncio.create_task(self._probe_app(app)))
@@ -223,7 +264,7 @@ class Sidecar:
             "dapr initialized. Status: Running. Init Elapsed %dms", (time.monotonic() - t0) * 1000
         )
 
-    async def _probe_app(self, app: HttpAppChannel) -> None:
+    async def _probe_app(self, app: AppChannel) -> None:
         opts = self.opts
         failures = 0
         while True:
@@ -239,6 +280,29 @@ class Sidecar:
                     log.warning("App entered un-healthy status")
                     app.healthy = False
             await asyncio.sleep(opts.app_health_probe_interval)
+
+
+AppChannel = HttpAppChannel | GrpcAppChannel
+
+
+def _app_channel(opts: SidecarOptions, app_token: str | None) -> AppChannel:
+    """The channel to the app for --app-protocol http|https|grpc|grpcs."""
+    if opts.app_protocol in ("grpc", "grpcs"):
+        return GrpcAppChannel(
+            opts.app_channel_address,
+            opts.app_port,
+            tls=opts.app_protocol == "grpcs",
+            max_concurrency=opts.app_max_concurrency,
+            app_token=app_token,
+            max_message_size=opts.max_body_size,
+        )
+    return HttpAppChannel(
+        opts.app_channel_address,
+        opts.app_port,
+        tls=opts.app_protocol == "https",
+        max_concurrency=opts.app_max_concurrency,
+        app_token=app_token,
+    )
 
 
 def main(argv: list[str]) -> int:

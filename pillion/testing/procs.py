@@ -116,6 +116,7 @@ class Sidecar:
     proc: Proc
     http_port: int
     app_id: str
+    grpc_port: int = 0
 
     @property
     def base(self) -> str:
@@ -135,6 +136,7 @@ def start_sidecar(
 ) -> Sidecar:
     """`python -m pillion sidecar` with free ports; waits for healthz/outbound (or healthz)."""
     http_port = free_port()
+    grpc_port = free_port()
     argv = [
         sys.executable,
         "-m",
@@ -145,7 +147,7 @@ def start_sidecar(
         "--dapr-http-port",
         str(http_port),
         "--dapr-grpc-port",
-        str(free_port()),
+        str(grpc_port),
         "--metrics-port",
         str(free_port()),
         "--pillion-home",
@@ -169,7 +171,7 @@ def start_sidecar(
         raise TimeoutError(f"sidecar {app_id} not ready:\n{proc.output}") from None
     if proc.popen.poll() is not None:
         raise RuntimeError(f"sidecar {app_id} exited {proc.popen.returncode}:\n{proc.output}")
-    return Sidecar(proc, http_port, app_id)
+    return Sidecar(proc, http_port, app_id, grpc_port)
 
 
 def temp_home() -> Path:

@@ -128,7 +128,7 @@ def test_ttl(pair: Pair, store: str) -> None:
         f"/v1.0/state/{store}",
         body=json.dumps([{"key": "ttl3", "value": 1, "metadata": {"ttlInSeconds": "soon"}}]),
     )
-    assert r.status == 400 and r.json()["errorCode"] == "ERR_STATE_SAVE"
+    assert r.status == 500 and r.json()["errorCode"] == "ERR_STATE_SAVE"
 
 
 def test_key_prefixes(pair: Pair) -> None:

@@ -170,6 +170,7 @@ class HttpApi:
         )
         headers = resp.headers
         if any(k.startswith(b"pillion-") for k, _ in headers):
+            # Link headers meant for gRPC callers (a gRPC app's status) stop here.
             headers = [(k, v) for k, v in headers if not k.startswith(b"pillion-")]
         return Response(resp.status, headers, resp.body, resp.reason)
 
@@ -191,16 +192,8 @@ class HttpApi:
         md = codec.query_metadata(q)
         if version == "v1.0-alpha1" and rest[1:] == ["query"]:
             _allow(req, "POST", "PUT")
-            self.state.entry(store)
-            raise PillionError(
-                Code.STATE_STORE_NOT_SUPPORTED,
-                f"state store {store} doesn't support query",
-                500,
-                GrpcCode.INTERNAL,
-                reason="DAPR_STATE_QUERYING_NOT_SUPPORTED",
-                resource_type="state",
-                resource_name=store,
-            )
+            await self.state.query(store, req.body, md)
+            return codec.no_content()  # not reached: no store can query yet
         if version != "v1.0":
             raise _not_found(req)
         if len(rest) == 1:

@@ -234,7 +234,7 @@ def test_save_errors() -> None:
     )
     assert_error(
         r("POST", "/v1.0/state/statestore?metadata.ttlInSeconds=abc", body=[{"key": "k"}]),
-        400,
+        500,
         "ERR_STATE_SAVE",
     )
     r("POST", "/v1.0/state/statestore", body=[{"key": "k", "value": 1}])

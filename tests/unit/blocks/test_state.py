@@ -308,15 +308,17 @@ def test_save_invalid_etag_is_400() -> None:
             return info.value
 
     err = run(main)
-    assert (err.code, err.http_status, err.grpc_code) == (
+    assert (err.code, err.http_status, err.grpc_code, err.reason) == (
         "ERR_STATE_SAVE",
         400,
         GrpcCode.INVALID_ARGUMENT,
+        "ERR_STATE_SAVE",
     )
+    assert err.http_legacy
     assert err.message.startswith("failed saving state in state store statestore: invalid etag")
 
 
-def test_save_bad_ttl_value_error_is_400() -> None:
+def test_save_bad_ttl_value_error_is_500() -> None:
     async def main() -> PillionError:
         async with memory_store() as store:
             with pytest.raises(PillionError) as info:
@@ -324,12 +326,13 @@ def test_save_bad_ttl_value_error_is_400() -> None:
             return info.value
 
     err = run(main)
-    assert (err.code, err.http_status, err.grpc_code) == (
+    assert (err.code, err.http_status, err.grpc_code, err.reason) == (
         "ERR_STATE_SAVE",
-        400,
-        GrpcCode.INVALID_ARGUMENT,
+        500,
+        GrpcCode.INTERNAL,
+        "ERR_STATE_SAVE",
     )
-    assert err.reason is None
+    assert err.http_legacy
     assert err.message.startswith("failed saving state in state store statestore: metadata ")
 
 

@@ -258,3 +258,100 @@ def test_resolve_serves_from_memory_and_invalidate_forces_a_reread() -> None:
             await resolver.close()
 
     run(main())
+
+
+# --- gRPC API addresses (the gRPC proxy's targets) ------------------------------------------------
+
+
+def test_register_and_resolve_grpc_addresses(tmp_path: Path) -> None:
+    async def main() -> None:
+        path = tmp_path / "coord.db"
+        a, b = await started(path), await started(path)
+        resolver = NameResolver(b, refresh_s=60)
+        try:
+            with pytest.raises(ValueError):
+                await register(
+                    a, app_id="x", namespace="", address="h:1", host="h", grpc_address="nope"
+                )
+            session = await register(
+                a,
+                app_id="orders",
+                namespace="",
+                address="127.0.0.1:5001",
+                host="127.0.0.1",
+                grpc_address="127.0.0.1:5011",
+            )
+            await reg(a, "legacy", 6001)  # registered without a gRPC address
+            await resolver.start()
+            assert await resolver.resolve_grpc("orders") == Address("127.0.0.1", 5011)
+            assert await resolver.resolve("orders") == Address("127.0.0.1", 5001)
+            # Persisted with the member, so another backend instance on the file reads it back.
+            assert (await b.view()).members[session.id].grpc_address == "127.0.0.1:5011"
+            assert await resolver.resolve("legacy") == Address("127.0.0.1", 6001)
+            with pytest.raises(AppNotFound):
+                await resolver.resolve_grpc("legacy")
+            with pytest.raises(AppNotFound):
+                await resolver.resolve_grpc("orders", "prod")
+        finally:
+            await resolver.close()
+            await a.close()
+            await b.close()
+
+    run(main())
+
+
+def test_members_stored_without_a_grpc_address_still_load() -> None:
+    from pillion.coordination.local import _member_from_json, _member_to_json
+
+    old = '{"host":"h","app_id":"a","actor_types":[],"session_id":"s","address":"h:1"}'
+    m = _member_from_json(old)
+    assert (m.app_id, m.address, m.grpc_address) == ("a", "h:1", "")
+    new = Member("h", "a", frozenset({"T"}), "s", "h:1", "ns", 7, 1, 2, "h:2")
+    assert _member_from_json(_member_to_json(new)) == new
+
+
+def test_resolve_grpc_round_robin_invalidation_and_fresh_reads() -> None:
+    def m(sid: str, port: int, grpc_port: int = 0) -> Member:
+        grpc_address = f"127.0.0.1:{grpc_port}" if grpc_port else ""
+        return Member("h", "api", frozenset(), sid, f"127.0.0.1:{port}", grpc_address=grpc_address)
+
+    async def main() -> None:
+        backend = CountingMembership()
+        # s2 has no gRPC API: it serves `resolve` but is skipped by `resolve_grpc`.
+        backend.set(m("s1", 1001, 2001), m("s2", 1002), m("s3", 1003, 2003))
+        resolver = NameResolver(backend, refresh_s=60)
+        try:
+            await resolver.start()
+            reads = backend.reads
+            got = [(await resolver.resolve_grpc("api")).port for _ in range(4)]
+            assert got == [2001, 2003, 2001, 2003]
+            ports = [(await resolver.resolve("api")).port for _ in range(3)]
+            assert sorted(ports) == [1001, 1002, 1003]
+            assert backend.reads == reads  # served from memory
+
+            backend.set(m("s4", 1004, 2004))  # unseen until invalidated
+            assert (await resolver.resolve_grpc("api")).port in (2001, 2003)
+            resolver.invalidate("api")
+            assert (await resolver.resolve_grpc("api")).port == 2004
+            assert backend.reads == reads + 1
+
+            # An app with members but no gRPC address costs a fresh read, like an unknown one,
+            # so a sidecar that just registered one is found at once.
+            backend.set(m("s5", 1005))
+            resolver.invalidate("api")
+            with pytest.raises(AppNotFound):
+                await resolver.resolve_grpc("api")
+            backend.set(m("s5", 1005, 2005))
+            assert (await resolver.resolve_grpc("api")).port == 2005
+
+            backend.set(
+                m("s6", 1006, 0), Member("h", "api", frozenset(), "s7", "h:1", "", 0, 0, 0, "bad")
+            )
+            resolver.invalidate("api")
+            with pytest.raises(AppNotFound):
+                await resolver.resolve_grpc("api")  # a bad gRPC address is skipped, not raised
+            assert (await resolver.resolve("api")).port in (1006, 1)
+        finally:
+            await resolver.close()
+
+    run(main())

@@ -1,0 +1,540 @@
+"""The `dapr.proto.runtime.v1.Dapr` servicer: decode protobuf, await a block, encode the answer."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from http import HTTPStatus
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import grpc
+from dapr.proto.common.v1 import common_pb2
+from dapr.proto.runtime.v1 import (
+    dapr_pb2,
+    dapr_pb2_grpc,
+    invoke_pb2,
+    metadata_pb2,
+    state_pb2,
+)
+from google.protobuf import any_pb2, empty_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from pillion.api.grpc.errors import abort, make_status, status_code
+from pillion.blocks.invoke import (
+    ANY_TYPE_HEADER,
+    GRPC_DETAILS_HEADER,
+    GRPC_MESSAGE_HEADER,
+    GRPC_STATUS_HEADER,
+    NO_VERB_HEADER,
+    Headers,
+    InvokeBlock,
+    InvokeRequest,
+    InvokeResponse,
+    decode_grpc_message,
+    response_headers,
+)
+from pillion.blocks.metadata import MetadataBlock
+from pillion.blocks.state import SaveItem, StateBlock, TxOperation
+from pillion.components.state.api import Concurrency, Consistency
+from pillion.errors import DOMAIN, Code, GrpcCode, PillionError, unimplemented
+
+log = logging.getLogger("pillion.api.grpc.dapr_api")
+
+_Opts = common_pb2.StateOptions
+_CONCURRENCY: dict[int, Concurrency] = {
+    _Opts.CONCURRENCY_FIRST_WRITE: Concurrency.FIRST_WRITE,
+    _Opts.CONCURRENCY_LAST_WRITE: Concurrency.LAST_WRITE,
+}
+_CONSISTENCY: dict[int, Consistency] = {
+    _Opts.CONSISTENCY_EVENTUAL: Consistency.EVENTUAL,
+    _Opts.CONSISTENCY_STRONG: Consistency.STRONG,
+}
+# HTTPExtension.Verb number -> HTTP method; NONE (0) and unknown numbers are absent on purpose.
+_VERBS: dict[int, str] = {
+    number: name
+    for name, number in common_pb2.HTTPExtension.Verb.items()
+    if number != common_pb2.HTTPExtension.NONE
+}
+_ACTOR_STATUS = metadata_pb2.ActorRuntime.ActorRuntimeStatus
+
+# Caller metadata that describes the gRPC call itself, not the invocation: never forwarded.
+_REQUEST_MD_DROP = frozenset({"content-type", "user-agent", "te", "dapr-api-token"})
+# Prefix of pillion's own link headers: a caller must not be able to inject them.
+_INTERNAL_PREFIX = "pillion-"
+# Response headers Dapr renames `dapr-<name>` in gRPC metadata (IANA permanent HTTP headers,
+# InternalMetadataToGrpcMetadata in dapr/pkg/messaging/v1/util.go).
+_PERMANENT = frozenset(
+    {
+        "accept",
+        "accept-charset",
+        "accept-language",
+        "accept-ranges",
+        "cache-control",
+        "content-type",
+        "cookie",
+        "date",
+        "expect",
+        "from",
+        "host",
+        "if-match",
+        "if-modified-since",
+        "if-none-match",
+        "if-schedule-tag-match",
+        "if-unmodified-since",
+        "max-forwards",
+        "origin",
+        "pragma",
+        "referer",
+        "via",
+        "warning",
+    }
+)
+_MD_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+# Characters a method name keeps as-is when it becomes the callee's request path; everything
+# else is percent-encoded as Go's URL writer does for Dapr (existing %XX escapes are kept).
+_PATH_SAFE = "/%!$&'()*+,;=:@~"
+# Go's http.StatusText where it differs from Python's phrase (Dapr puts it in ErrorInfo.reason).
+_GO_STATUS_TEXT = {414: "Request URI Too Long", 418: "I'm a teapot"}
+# ErrorInfo metadata values are limited to 63 characters (maxMetadataValueLen in Dapr).
+_MAX_MD_VALUE = 63
+
+# Dapr's CodeFromHTTPStatus (dapr/pkg/messaging/v1/util.go): other 2xx are OK, the rest UNKNOWN.
+_HTTP_TO_GRPC: dict[int, grpc.StatusCode] = {
+    408: grpc.StatusCode.CANCELLED,
+    500: grpc.StatusCode.UNKNOWN,
+    400: grpc.StatusCode.INTERNAL,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ALREADY_EXISTS,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+_Self = TypeVar("_Self", bound="DaprApi")
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+_Handler = Callable[[_Self, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]
+
+
+def _rpc(fn: _Handler[_Self, _Req, _Resp]) -> _Handler[_Self, _Req, _Resp]:
+    """Encode a block's PillionError as Dapr's status; any other exception is a bug."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: _Self, request: _Req, context: grpc.aio.ServicerContext) -> _Resp:
+        try:
+            return await fn(self, request, context)
+        except PillionError as err:
+            await abort(context, err)
+        except grpc.aio.AbortError:
+            raise  # context.abort() already set the status
+        except Exception as exc:
+            log.exception("unhandled error serving %s", fn.__name__)
+            await abort(
+                context,
+                PillionError(
+                    Code.ERROR, f"internal error: {type(exc).__name__}", 500, GrpcCode.UNKNOWN
+                ),
+            )
+
+    return wrapper
+
+
+class DaprApi(dapr_pb2_grpc.DaprServicer):
+    """Dapr's gRPC API over the same blocks as the HTTP API; RPCs not built answer UNIMPLEMENTED."""
+
+    def __init__(
+        self,
+        *,
+        state: StateBlock,
+        invoke: InvokeBlock,
+        metadata: MetadataBlock,
+        request_shutdown: Callable[[], None],
+        app_id: str,
+    ) -> None:
+        self.state = state
+        self.invoke = invoke
+        self.metadata = metadata
+        self.request_shutdown = request_shutdown
+        self.app_id = app_id
+
+    # --- state ----------------------------------------------------------------------------------
+
+    @_rpc
+    async def GetState(
+        self, request: state_pb2.GetStateRequest, context: grpc.aio.ServicerContext
+    ) -> state_pb2.GetStateResponse:
+        res = await self.state.get(
+            request.store_name,
+            request.key,
+            consistency=_CONSISTENCY.get(request.consistency, Consistency.UNSPECIFIED),
+            metadata=dict(request.metadata),
+        )
+        if res is None:
+            return state_pb2.GetStateResponse()
+        return state_pb2.GetStateResponse(
+            data=res.data, etag=res.etag or "", metadata=dict(res.metadata)
+        )
+
+    @_rpc
+    async def GetBulkState(
+        self, request: state_pb2.GetBulkStateRequest, context: grpc.aio.ServicerContext
+    ) -> state_pb2.GetBulkStateResponse:
+        # `parallelism` is ignored: the block reads all keys in one go.
+        items = await self.state.bulk_get(
+            request.store_name, list(request.keys), metadata=dict(request.metadata)
+        )
+        return state_pb2.GetBulkStateResponse(
+            items=[
+                state_pb2.BulkStateItem(
+                    key=it.key,
+                    data=it.data or b"",
+                    etag=it.etag or "",
+                    error=it.error or "",
+                    metadata=dict(it.metadata),
+                )
+                for it in items
+            ]
+        )
+
+    @_rpc
+    async def SaveState(
+        self, request: state_pb2.SaveStateRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        await self.state.save(request.store_name, [_save_item(s) for s in request.states])
+        return empty_pb2.Empty()
+
+    @_rpc
+    async def DeleteState(
+        self, request: state_pb2.DeleteStateRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        await self.state.delete(
+            request.store_name,
+            request.key,
+            etag=request.etag.value if request.HasField("etag") else None,
+            concurrency=_CONCURRENCY.get(request.options.concurrency, Concurrency.UNSPECIFIED),
+            consistency=_CONSISTENCY.get(request.options.consistency, Consistency.UNSPECIFIED),
+            metadata=dict(request.metadata),
+        )
+        return empty_pb2.Empty()
+
+    @_rpc
+    async def DeleteBulkState(
+        self, request: state_pb2.DeleteBulkStateRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        await self.state.bulk_delete(request.store_name, [_save_item(s) for s in request.states])
+        return empty_pb2.Empty()
+
+    @_rpc
+    async def ExecuteStateTransaction(
+        self,
+        request: state_pb2.ExecuteStateTransactionRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> empty_pb2.Empty:
+        ops = [TxOperation(o.operationType, _save_item(o.request)) for o in request.operations]
+        await self.state.transaction(request.storeName, ops, dict(request.metadata))
+        return empty_pb2.Empty()
+
+    @_rpc
+    async def QueryStateAlpha1(
+        self, request: state_pb2.QueryStateRequest, context: grpc.aio.ServicerContext
+    ) -> state_pb2.QueryStateResponse:
+        await self.state.query(request.store_name, request.query.encode(), dict(request.metadata))
+        return state_pb2.QueryStateResponse()  # not reached: no store can query yet
+
+    # --- metadata / shutdown --------------------------------------------------------------------
+
+    @_rpc
+    async def GetMetadata(
+        self, request: metadata_pb2.GetMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> metadata_pb2.GetMetadataResponse:
+        return _metadata_response(self.metadata.snapshot())
+
+    @_rpc
+    async def SetMetadata(
+        self, request: metadata_pb2.SetMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        self.metadata.set(request.key, request.value)
+        return empty_pb2.Empty()
+
+    @_rpc
+    async def Shutdown(
+        self, request: dapr_pb2.ShutdownRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        self.request_shutdown()
+        return empty_pb2.Empty()
+
+    # --- service invocation ---------------------------------------------------------------------
+
+    @_rpc
+    async def InvokeService(
+        self, request: invoke_pb2.InvokeServiceRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.InvokeResponse:
+        msg = request.message
+        headers: Headers = []
+        verb = _VERBS.get(msg.http_extension.verb)
+        if verb is None:
+            # An HTTP callee needs a verb (its app channel answers InvalidArgument); a gRPC one
+            # does not, so the call still travels, as a POST.
+            verb = "POST"
+            headers.append((NO_VERB_HEADER, b"1"))
+        if msg.content_type:
+            headers.append((b"content-type", msg.content_type.encode()))
+        if msg.data.type_url:
+            headers.append((ANY_TYPE_HEADER, msg.data.type_url.encode()))
+        headers.extend(_request_headers(context.invocation_metadata() or ()))
+        resp = await self.invoke.invoke(
+            InvokeRequest(
+                app_id=request.id,
+                method=quote(msg.method, safe=_PATH_SAFE),
+                verb=verb,
+                query=msg.http_extension.querystring.encode(),
+                headers=headers,
+                body=msg.data.value,
+                peer=_peer_ip(context.peer()),
+            )
+        )
+        # Dapr always sends the HTTP status and the callee's headers, also before an error.
+        await context.send_initial_metadata(_response_metadata(resp))
+        failure = _failure_status(resp)
+        if failure is not None:
+            await context.abort_with_status(failure)
+        return common_pb2.InvokeResponse(
+            data=any_pb2.Any(
+                type_url=_header(resp.headers, ANY_TYPE_HEADER).decode("latin-1"),
+                value=resp.body,
+            ),
+            content_type=_header(resp.headers, b"content-type").decode("latin-1"),
+        )
+
+
+# --- RPCs of blocks not built yet -----------------------------------------------------------------
+
+# Substring of the lowercased RPC name -> the block named in the UNIMPLEMENTED message; the first
+# match wins, so more specific entries come first.
+UNIMPLEMENTED_BLOCKS: tuple[tuple[str, str], ...] = (
+    ("publishevent", "pub/sub"),
+    ("subscribetopicevents", "pub/sub"),
+    ("binding", "bindings"),
+    ("secret", "secrets"),
+    ("actor", "actors"),
+    ("configuration", "configuration"),
+    ("lock", "distributed lock"),
+    ("crypt", "cryptography"),
+    ("subtle", "cryptography"),
+    ("workflow", "workflow"),
+    ("job", "jobs"),
+    ("converse", "conversation"),
+    ("vector", "vector store"),
+    ("collection", "vector store"),
+    ("binaryfile", "binary file store"),
+    ("index", "search"),
+    ("document", "search"),
+    ("search", "search"),
+)
+
+
+def block_of(rpc: str) -> str | None:
+    """The block an RPC of the Dapr service belongs to, from UNIMPLEMENTED_BLOCKS."""
+    low = rpc.lower()
+    for needle, block in UNIMPLEMENTED_BLOCKS:
+        if needle in low:
+            return block
+    return None
+
+
+def _unimplemented_rpc(name: str, block: str) -> Callable[..., Awaitable[None]]:
+    err = unimplemented(block)
+
+    # One coroutine serves unary and streaming RPCs alike: grpc.aio runs a coroutine handler
+    # of a streaming RPC without reading requests, so the answer comes at once.
+    async def rpc(self: DaprApi, request: Any, context: grpc.aio.ServicerContext) -> None:
+        await abort(context, err)
+
+    rpc.__name__ = rpc.__qualname__ = name
+    return rpc
+
+
+def _install_unimplemented(cls: type[DaprApi]) -> None:
+    for name in dir(dapr_pb2_grpc.DaprServicer):
+        if name.startswith("_") or name in cls.__dict__:
+            continue
+        # An RPC added by a newer SDK that fits no entry still answers UNIMPLEMENTED.
+        setattr(cls, name, _unimplemented_rpc(name, block_of(name) or name))
+
+
+_install_unimplemented(DaprApi)
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+
+def _save_item(s: common_pb2.StateItem) -> SaveItem:
+    return SaveItem(
+        key=s.key,
+        value=s.value,
+        # An absent or empty etag message means "no etag".
+        etag=(s.etag.value or None) if s.HasField("etag") else None,
+        metadata=dict(s.metadata),
+        concurrency=_CONCURRENCY.get(s.options.concurrency, Concurrency.UNSPECIFIED),
+        consistency=_CONSISTENCY.get(s.options.consistency, Consistency.UNSPECIFIED),
+    )
+
+
+def _request_headers(md: Iterable[tuple[str, str | bytes]]) -> Headers:
+    """The caller's invocation metadata as HTTP headers, minus what belongs to the gRPC call."""
+    out: Headers = []
+    for key, value in md:
+        k = key.lower()
+        if (
+            k.startswith((":", "grpc-", _INTERNAL_PREFIX))
+            or k.endswith("-bin")
+            or k in _REQUEST_MD_DROP
+            or not isinstance(value, str)
+        ):
+            continue
+        out.append((k.encode("latin-1"), value.encode("latin-1", "replace")))
+    return out
+
+
+def _peer_ip(peer: str) -> str:
+    """The caller's IP as the HTTP adapter gives it: "ipv4:10.0.0.1:5000" -> "10.0.0.1"."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        return rest[1:].partition("]")[0] if rest.startswith("[") else rest.rpartition(":")[0]
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return ""
+
+
+# --- encoding -------------------------------------------------------------------------------------
+
+
+def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes:
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return b""
+
+
+def _has_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
+    return any(k.lower() == name for k, _ in headers)
+
+
+def _md_value_ok(value: str) -> bool:
+    return all(" " <= c <= "~" for c in value)
+
+
+def _response_metadata(resp: InvokeResponse) -> list[tuple[str, str]]:
+    """`dapr-http-status` plus the callee's headers as gRPC metadata, named as Dapr names them."""
+    md: list[tuple[str, str]] = [("dapr-http-status", str(resp.status))]
+    for raw_key, raw_value in response_headers(resp.headers):
+        key = raw_key.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        if key.startswith((_INTERNAL_PREFIX, "grpc-", ":")) or key.endswith("-bin"):
+            continue
+        if key in _PERMANENT:
+            key = "dapr-" + key
+        # gRPC metadata allows fewer characters than HTTP headers; such a header cannot travel.
+        if not key or not set(key) <= _MD_KEY_CHARS or not _md_value_ok(value):
+            continue
+        md.append((key, value))
+    return md
+
+
+def _failure_status(resp: InvokeResponse) -> grpc.Status | None:
+    """The gRPC status a non-successful invocation ends with, or None when it succeeded."""
+    if _has_header(resp.headers, GRPC_STATUS_HEADER):
+        # The callee side reported a gRPC status (a gRPC app's own, or a sidecar error).
+        raw = _header(resp.headers, GRPC_STATUS_HEADER)
+        try:
+            number = int(raw)
+        except ValueError:
+            number = grpc.StatusCode.UNKNOWN.value[0]
+        if number == grpc.StatusCode.OK.value[0]:
+            return None
+        # Percent-encoded as gRPC's own grpc-message is.
+        message = decode_grpc_message(_header(resp.headers, GRPC_MESSAGE_HEADER))
+        return make_status(status_code(number), message, _details(resp.headers))
+    if 200 <= resp.status < 300:
+        return None
+    text = _status_text(resp.status)
+    info = error_details_pb2.ErrorInfo(
+        reason=text,
+        domain=DOMAIN,
+        metadata={
+            "http.code": str(resp.status),
+            "http.error_message": resp.body[:_MAX_MD_VALUE].decode("utf-8", "replace"),
+        },
+    )
+    code = _HTTP_TO_GRPC.get(resp.status, grpc.StatusCode.UNKNOWN)
+    return make_status(code, text, [info])
+
+
+def _details(headers: Iterable[tuple[bytes, bytes]]) -> list[any_pb2.Any]:
+    raw = _header(headers, GRPC_DETAILS_HEADER)
+    if not raw:
+        return []
+    try:
+        st = status_pb2.Status.FromString(base64.b64decode(raw, validate=True))
+    except (binascii.Error, ValueError) as exc:
+        # A malformed details header loses the details, never the status itself.
+        log.warning("dropping undecodable %s header: %s", GRPC_DETAILS_HEADER.decode(), exc)
+        return []
+    return list(st.details)
+
+
+def _status_text(status: int) -> str:
+    """Go's http.StatusText: what Dapr uses as the message and ErrorInfo.reason."""
+    if status in _GO_STATUS_TEXT:
+        return _GO_STATUS_TEXT[status]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def _metadata_response(snap: Mapping[str, Any]) -> metadata_pb2.GetMetadataResponse:
+    """The metadata block's snapshot (Dapr's JSON shape) as GetMetadataResponse."""
+    resp = metadata_pb2.GetMetadataResponse(
+        id=snap.get("id", ""),
+        runtime_version=snap.get("runtimeVersion", ""),
+        enabled_features=list(snap.get("enabledFeatures", ())),
+        extended_metadata=dict(snap.get("extended", {})),
+        registered_components=[
+            metadata_pb2.RegisteredComponents(
+                name=c["name"],
+                type=c["type"],
+                version=c["version"],
+                capabilities=list(c.get("capabilities", ())),
+            )
+            for c in snap.get("components", ())
+        ],
+    )
+    app = snap.get("appConnectionProperties")
+    if app is not None:
+        props = resp.app_connection_properties
+        props.port = app.get("port", 0)
+        props.protocol = app.get("protocol", "")
+        props.channel_address = app.get("channelAddress", "")
+        props.max_concurrency = app.get("maxConcurrency", 0)
+        health = app.get("health")
+        if health is not None:
+            props.health.health_check_path = health.get("healthCheckPath", "")
+            props.health.health_probe_interval = health.get("healthProbeInterval", "")
+            props.health.health_probe_timeout = health.get("healthProbeTimeout", "")
+            props.health.health_threshold = health.get("healthThreshold", 0)
+    actors = snap.get("actorRuntime")
+    if actors is not None:
+        resp.actor_runtime.runtime_status = _ACTOR_STATUS.Value(
+            actors.get("runtimeStatus", "DISABLED")
+        )
+        resp.actor_runtime.host_ready = bool(actors.get("hostReady", False))
+        resp.actor_runtime.placement = actors.get("placement", "")
+    return resp
