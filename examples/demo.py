@@ -96,6 +96,7 @@ def main() -> int:
     received = sum("received order" in ln for ln in server_lines)
     read_back = any("read back from state: kettle" in ln for ln in client_lines)
     counted = any("has 5 orders" in ln for ln in client_lines)
+    shipped = any("received 5 shipment events" in ln for ln in client_lines)
     ok = (
         client_rc == 0
         and server_rc == 0
@@ -103,12 +104,14 @@ def main() -> int:
         and received == 5
         and read_back
         and counted
+        and shipped
     )
     print()
     print("=== pillion demo summary ===")
     print(f"  service invocation checkout -> order-processor: {placed} calls, {received} received")
     print(f"  state round trip (order 3 read back): {'yes' if read_back else 'NO'}")
     print(f"  state counter with etags: {'yes' if counted else 'NO'}")
+    print(f"  pub/sub checkout -> order-processor (5 events): {'yes' if shipped else 'NO'}")
     print(f"  exit codes: checkout {client_rc}, order-processor {server_rc}")
     print(f"  result: {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from dapr.clients import DaprClient
 
@@ -23,3 +24,16 @@ with DaprClient() as client:
     print(f"order 3 read back from state: {back['item']}", flush=True)
     stats = client.invoke_method("order-processor", "stats", data=b"", http_verb="GET").json()
     print(f"order-processor has {stats['orders']} orders in its state store", flush=True)
+    # Pub/sub: one event per order on the embedded broker; order-processor subscribes.
+    for i in range(1, len(ITEMS) + 1):
+        client.publish_event(
+            "pubsub", "shipments", json.dumps({"id": i}), data_content_type="application/json"
+        )
+    print(f"published {len(ITEMS)} shipment events", flush=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        shipped = client.invoke_method("order-processor", "stats", data=b"", http_verb="GET")
+        if shipped.json()["shipped"] >= len(ITEMS):
+            break
+        time.sleep(0.1)
+    print(f"order-processor received {shipped.json()['shipped']} shipment events", flush=True)

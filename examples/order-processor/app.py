@@ -28,6 +28,18 @@ def state_save(items: list[dict[str, object]]) -> None:
     urllib.request.urlopen(req).close()
 
 
+def save_with_counter(counter: str, items: list[dict[str, object]]) -> None:
+    """Save `items` and bump `counter`; its etag makes concurrent increments safe (409: retry)."""
+    while True:
+        count, etag = state_get(counter)
+        try:
+            state_save([*items, {"key": counter, "value": (count or 0) + 1, "etag": etag}])
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:
+                raise
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -42,31 +54,30 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(out)
 
-    def do_POST(self) -> None:  # POST /orders
-        order = json.loads(self.rfile.read(int(self.headers["content-length"])))
+    def do_POST(self) -> None:  # POST /orders, or a pub/sub delivery on POST /shipments
+        body = self.rfile.read(int(self.headers["content-length"]))
+        if self.path == "/shipments":
+            event = json.loads(body)  # a CloudEvent; the publisher's JSON is in "data"
+            save_with_counter("shipped-count", [])
+            print(f"order {event['data']['id']} shipped (event {event['id'][:8]})", flush=True)
+            self._reply(200, {"status": "SUCCESS"})
+            return
+        order = json.loads(body)
         caller = self.headers.get("dapr-caller-app-id", "?")
-        # Save the order and bump a counter; the counter uses its etag so that concurrent
-        # writers cannot lose an increment.
-        while True:
-            count, etag = state_get("order-count")
-            try:
-                state_save(
-                    [
-                        {"key": f"order-{order['id']}", "value": order},
-                        {"key": "order-count", "value": (count or 0) + 1, "etag": etag},
-                    ]
-                )
-                break
-            except urllib.error.HTTPError as exc:
-                if exc.code != 409:
-                    raise
+        save_with_counter("order-count", [{"key": f"order-{order['id']}", "value": order}])
         print(f"received order {order['id']} from {caller}: {order['item']}", flush=True)
         self._reply(201, {"id": order["id"], "status": "accepted"})
 
-    def do_GET(self) -> None:  # GET /orders/<id> or /stats
+    def do_GET(self) -> None:  # GET /orders/<id>, /stats, or the sidecar's /dapr/subscribe
+        if self.path == "/dapr/subscribe":
+            self._reply(
+                200, [{"pubsubname": "pubsub", "topic": "shipments", "route": "/shipments"}]
+            )
+            return
         if self.path == "/stats":
             count, _ = state_get("order-count")
-            self._reply(200, {"orders": count or 0})
+            shipped, _ = state_get("shipped-count")
+            self._reply(200, {"orders": count or 0, "shipped": shipped or 0})
             return
         order, _ = state_get(f"order-{self.path.rsplit('/', 1)[-1]}")
         self._reply(200 if order else 404, order or {"error": "no such order"})

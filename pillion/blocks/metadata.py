@@ -38,6 +38,8 @@ class MetadataBlock:
     app: AppConnection | None = None
     enabled_features: tuple[str, ...] = ()
     extended: dict[str, str] = field(default_factory=dict)
+    # The app's subscriptions as the metadata API lists them (set once pub/sub starts).
+    subscriptions: Callable[[], list[dict[str, Any]]] = lambda: []
 
     def set(self, key: str, value: str) -> None:
         self.extended[key] = value
@@ -59,6 +61,9 @@ class MetadataBlock:
                 for c in comps
             ]
         out["extended"] = {**self.extended, "daprRuntimeVersion": DAPR_RUNTIME_VERSION}
+        subs = self.subscriptions()
+        if subs:
+            out["subscriptions"] = subs
         if self.app is not None:
             a = self.app
             props: dict[str, Any] = {"protocol": a.protocol, "channelAddress": a.channel_address}

@@ -35,6 +35,22 @@ def _statestore(home: Path) -> str:
     )
 
 
+def _pubsub(home: Path) -> str:
+    # The embedded broker: one SQLite file shared by every sidecar on the host.
+    return (
+        "apiVersion: dapr.io/v1alpha1\n"
+        "kind: Component\n"
+        "metadata:\n"
+        "  name: pubsub\n"
+        "spec:\n"
+        "  type: pubsub.sqlite\n"
+        "  version: v1\n"
+        "  metadata:\n"
+        "  - name: connectionString\n"
+        f"    value: {_q(str(home / 'pubsub.db'))}\n"
+    )
+
+
 def _config(home: Path) -> str:
     # No zipkin endpoint: dapr init points at a zipkin container, and none runs here.
     return (
@@ -59,6 +75,7 @@ class DefaultFile:
 # Adding a default component is one entry here.
 DEFAULT_FILES: tuple[DefaultFile, ...] = (
     DefaultFile(lambda h: resources_dir(h) / "statestore.yaml", _statestore),
+    DefaultFile(lambda h: resources_dir(h) / "pubsub.yaml", _pubsub),
     DefaultFile(config_file, _config),
 )
 

@@ -10,10 +10,21 @@ from typing import Any
 _REGISTRY: dict[tuple[str, str], str] = {
     ("state.in-memory", "v1"): "pillion.components.state.inmemory:InMemoryStateStore",
     ("state.sqlite", "v1"): "pillion.components.state.sqlite:SQLiteStateStore",
+    ("pubsub.in-memory", "v1"): "pillion.components.pubsub.inmemory:InMemoryPubSub",
+    ("pubsub.sqlite", "v1"): "pillion.components.pubsub.sqlite:SQLitePubSub",
+    ("pubsub.redis", "v1"): "pillion.components.pubsub.redis:RedisPubSub",
+    ("pubsub.rabbitmq", "v1"): "pillion.components.pubsub.rabbitmq:RabbitMQPubSub",
+    ("pubsub.mqtt3", "v1"): "pillion.components.pubsub.mqtt3:MQTTPubSub",
+    ("pubsub.jetstream", "v1"): "pillion.components.pubsub.jetstream:JetStreamPubSub",
 }
 
 # Extra to install when a driver import fails, by type prefix.
-_EXTRAS: dict[str, str] = {}
+_EXTRAS: dict[str, str] = {
+    "pubsub.redis": "redis",
+    "pubsub.rabbitmq": "rabbitmq",
+    "pubsub.mqtt3": "mqtt",
+    "pubsub.jetstream": "nats",
+}
 
 
 class UnknownComponentError(LookupError):

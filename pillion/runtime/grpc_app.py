@@ -133,23 +133,45 @@ def to_metadata(headers: Sequence[tuple[bytes, bytes]]) -> Metadata:
     """
     out: Metadata = []
     for raw_key, raw_value in headers:
-        key = raw_key.decode("latin-1").lower()
-        if (
-            not key
-            or key in _DROP
-            or key.startswith(("pillion-", ":"))
-            or not _KEY_CHARS.issuperset(key)
-        ):
+        try:
+            key = _KEYS[raw_key]
+        except KeyError:
+            key = _metadata_key(raw_key)
+        if key is None:
             continue
-        if key in _RENAME or key.startswith("grpc-"):
-            key = "dapr-" + key
         if key.endswith("-bin"):
             out.append((key, bytes(raw_value)))
-        elif all(0x20 <= b <= 0x7E for b in raw_value):
-            out.append((key, raw_value.decode("ascii")))
+            continue
+        try:
+            value = raw_value.decode("ascii")
+        except UnicodeDecodeError:
+            value = "\x00"  # not printable: dropped below
+        if value.isprintable():  # for ASCII: exactly 0x20..0x7E, what gRPC allows
+            out.append((key, value))
         else:
             log.debug("dropping header %s: its value is not valid gRPC metadata", key)
     return out
+
+
+# Header name -> metadata key (None: dropped). The same few names recur on every call.
+_KEYS: dict[bytes, str | None] = {}
+
+
+def _metadata_key(raw_key: bytes) -> str | None:
+    key: str | None = raw_key.decode("latin-1").lower()
+    assert key is not None
+    if (
+        not key
+        or key in _DROP
+        or key.startswith(("pillion-", ":"))
+        or not _KEY_CHARS.issuperset(key)
+    ):
+        key = None
+    elif key in _RENAME or key.startswith("grpc-"):
+        key = "dapr-" + key
+    if len(_KEYS) < 4096:  # bounded: callers choose header names
+        _KEYS[raw_key] = key
+    return key
 
 
 def _from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> Headers:

@@ -27,7 +27,9 @@ from pillion.blocks.invoke import (
     encode_grpc_message,
 )
 from pillion.blocks.metadata import AppConnection, MetadataBlock
+from pillion.blocks.pubsub import PubSubBlock
 from pillion.blocks.state import StateBlock
+from pillion.components.pubsub.api import PubSubError
 from pillion.coordination.local import LocalBackend
 from pillion.coordination.names import NameResolver, register
 from pillion.errors import GRPC_NUMBERS, PillionError
@@ -37,7 +39,9 @@ from pillion.runtime import logs
 from pillion.runtime.channels import HttpAppChannel, SidecarLink
 from pillion.runtime.components import ComponentInitError, Loaded, load_components
 from pillion.runtime.grpc_app import GrpcAppChannel
+from pillion.runtime.grpc_pubsub import GrpcDeliverer, discover_grpc
 from pillion.runtime.options import SidecarOptions, build_parser, options_from_args
+from pillion.runtime.subscriptions import HttpDeliverer, discover_http, from_manifests
 from pillion.transport.http import Request, Response
 from pillion.transport.server import HttpServer
 
@@ -103,6 +107,8 @@ class Sidecar:
         self.invoke = InvokeBlock(opts.app_id, opts.namespace, resolver, link, app)
         # keyPrefix "namespace" falls back to the app id when NAMESPACE is unset.
         self.state = StateBlock(opts.app_id, os.environ.get("NAMESPACE", ""), {})
+        self.pubsub = PubSubBlock(opts.app_id, {})
+        self.resources = resources
         meta = MetadataBlock(
             opts.app_id,
             lambda: list(self.loaded.views),
@@ -117,6 +123,7 @@ class Sidecar:
                 opts.app_health_threshold,
             ),
         )
+        meta.subscriptions = lambda: [s.view() for s in self.pubsub.subscriptions()]
         api = HttpApi.with_env(
             app_id=opts.app_id,
             health=self.health,
@@ -125,6 +132,7 @@ class Sidecar:
             metadata=meta,
             request_shutdown=self.request_shutdown,
             api_logging=api_logging,
+            pubsub=self.pubsub,
         )
         api_server = HttpServer(api, max_body_size=opts.max_body_size)
         internal_server = HttpServer(self._internal, max_body_size=opts.max_body_size)
@@ -134,6 +142,7 @@ class Sidecar:
             metadata=meta,
             request_shutdown=self.request_shutdown,
             app_id=opts.app_id,
+            pubsub=self.pubsub,
         )
         proxy = GrpcProxy(
             app_id=opts.app_id,
@@ -177,6 +186,7 @@ class Sidecar:
                 log.critical("Fatal error from runtime: process component error: %s", exc)
                 return 1
             self.state.stores = dict(self.loaded.state)
+            self.pubsub.pubsubs = dict(self.loaded.pubsub)
 
             await backend.start()
             await resolver.start()
@@ -200,6 +210,9 @@ class Sidecar:
             if session is not None:
                 await session.close()
                 session = None
+            # Stop consuming first: in-flight deliveries finish while the app is still up, and
+            # what was not acknowledged stays with the broker.
+            await self.pubsub.stop()
             api_server.stop_accepting()
             internal_server.stop_accepting()
             grace = opts.graceful_shutdown_seconds
@@ -223,6 +236,7 @@ class Sidecar:
             if grpc_server is not None:
                 await grpc_server.stop(0)
             await proxy.close()
+            await self.pubsub.stop()
             await self.loaded.close()
             await resolver.close()
             await backend.close()
@@ -255,6 +269,7 @@ class Sidecar:
             await app.wait_ready()
             if isinstance(app, GrpcAppChannel):
                 await app.get_channel()
+            await self._start_subscriptions(app)
             log.info("Application discovered on port %d", opts.app_port)
             if opts.enable_app_health_check:
                 self._tasks.append(asyncio.create_task(self._probe_app(app)))
@@ -263,6 +278,28 @@ class Sidecar:
         log.info(
             "dapr initialized. Status: Running. Init Elapsed %dms", (time.monotonic() - t0) * 1000
         )
+
+    async def _start_subscriptions(self, app: AppChannel) -> None:
+        """Declarative and programmatic subscriptions, once the app is reachable (§12.4)."""
+        if not self.pubsub.pubsubs:
+            return
+        grpc_app = isinstance(app, GrpcAppChannel)
+        specs = from_manifests(self.resources.subscriptions, leading_slash=not grpc_app)
+        discover = "subscribe" not in self.opts.disable_init_endpoints
+        deliverer: HttpDeliverer | GrpcDeliverer
+        if isinstance(app, GrpcAppChannel):
+            if discover:
+                specs += await discover_grpc(app)
+            deliverer = GrpcDeliverer(app)
+        else:
+            if discover:
+                specs += await discover_http(app, self.opts.app_id)
+            deliverer = HttpDeliverer(app)
+        for spec in specs:
+            try:
+                await self.pubsub.subscribe(spec, deliverer)
+            except PubSubError as exc:
+                log.error("subscription to %s/%s failed: %s", spec.pubsub, spec.topic, exc)
 
     async def _probe_app(self, app: AppChannel) -> None:
         opts = self.opts

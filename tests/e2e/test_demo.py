@@ -25,6 +25,8 @@ def test_demo(tmp_path: Path) -> None:
         "[order-processor] == APP == received order 5 from checkout: plant",
         "[checkout] == APP == order 3 read back from state: kettle",
         "[checkout] == APP == order-processor has 5 orders in its state store",
+        "[checkout] == APP == order-processor received 5 shipment events",
+        "  pub/sub checkout -> order-processor (5 events): yes",
         "[checkout] ✅  Exited App successfully",
         "[checkout] ✅  Exited Dapr successfully",
         "[order-processor] ✅  Exited Dapr successfully",

@@ -90,9 +90,13 @@ def test_sdk_grpc_errors(client: DaprClient) -> None:
     with pytest.raises(DaprGrpcError) as ei:
         client.save_state("statestore", "a||b", "x")
     assert ei.value.error_code() == "DAPR_STATE_ILLEGAL_KEY"
+    with pytest.raises(grpc.RpcError) as rpc_err:
+        client.get_secret("secretstore", "k")
+    assert rpc_err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     with pytest.raises(DaprGrpcError) as ei:
-        client.publish_event("pubsub", "topic", b"{}")
-    assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        client.publish_event("pubsub", "topic", b"{}")  # no pubsub component in these resources
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert ei.value.error_code() == "DAPR_PUBSUB_NOT_CONFIGURED"
 
 
 def test_sdk_metadata_over_grpc(client: DaprClient) -> None:

@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 import grpc
 from dapr.proto.common.v1 import common_pb2
 from dapr.proto.runtime.v1 import (
+    appcallback_pb2,
     dapr_pb2,
     dapr_pb2_grpc,
     invoke_pb2,
     metadata_pb2,
+    pubsub_pb2,
     state_pb2,
 )
 from google.protobuf import any_pb2, empty_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from pillion.api.grpc.errors import abort, make_status, status_code
+from pillion.blocks import cloudevents as ce
 from pillion.blocks.invoke import (
     ANY_TYPE_HEADER,
     GRPC_DETAILS_HEADER,
@@ -38,9 +42,12 @@ from pillion.blocks.invoke import (
     response_headers,
 )
 from pillion.blocks.metadata import MetadataBlock
+from pillion.blocks.pubsub import BulkPublishEntry, Delivery, PubSubBlock, SubscriptionSpec
+from pillion.blocks.routing import Routes
 from pillion.blocks.state import SaveItem, StateBlock, TxOperation
+from pillion.components.pubsub.api import PubSubError
 from pillion.components.state.api import Concurrency, Consistency
-from pillion.errors import DOMAIN, Code, GrpcCode, PillionError, unimplemented
+from pillion.errors import DOMAIN, Code, GrpcCode, PillionError, bad_request, unimplemented
 
 log = logging.getLogger("pillion.api.grpc.dapr_api")
 
@@ -157,12 +164,14 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
         metadata: MetadataBlock,
         request_shutdown: Callable[[], None],
         app_id: str,
+        pubsub: PubSubBlock | None = None,
     ) -> None:
         self.state = state
         self.invoke = invoke
         self.metadata = metadata
         self.request_shutdown = request_shutdown
         self.app_id = app_id
+        self.pubsub = pubsub
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -313,14 +322,129 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
             content_type=_header(resp.headers, b"content-type").decode("latin-1"),
         )
 
+    # --- pub/sub --------------------------------------------------------------------------------
+
+    def _pubsub(self) -> PubSubBlock:
+        if self.pubsub is None:
+            raise unimplemented("pub/sub")
+        return self.pubsub
+
+    @_rpc
+    async def PublishEvent(
+        self, request: pubsub_pb2.PublishEventRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        traceparent, tracestate = _trace_context(context.invocation_metadata() or ())
+        await self._pubsub().publish(
+            request.pubsub_name,
+            request.topic,
+            request.data,
+            # Empty means "not given": the block applies text/plain (dapr-api.md §3.4).
+            content_type=request.data_content_type or None,
+            metadata=dict(request.metadata),
+            traceparent=traceparent,
+            tracestate=tracestate,
+        )
+        return empty_pb2.Empty()
+
+    @_rpc
+    async def BulkPublishEvent(
+        self, request: pubsub_pb2.BulkPublishRequest, context: grpc.aio.ServicerContext
+    ) -> pubsub_pb2.BulkPublishResponse:
+        return await self._bulk_publish(request, context)
+
+    @_rpc
+    async def BulkPublishEventAlpha1(
+        self, request: pubsub_pb2.BulkPublishRequest, context: grpc.aio.ServicerContext
+    ) -> pubsub_pb2.BulkPublishResponse:
+        # Deprecated twin of BulkPublishEvent, same messages (older SDKs call only this one).
+        return await self._bulk_publish(request, context)
+
+    async def _bulk_publish(
+        self, request: pubsub_pb2.BulkPublishRequest, context: grpc.aio.ServicerContext
+    ) -> pubsub_pb2.BulkPublishResponse:
+        traceparent, tracestate = _trace_context(context.invocation_metadata() or ())
+        failed = await self._pubsub().bulk_publish(
+            request.pubsub_name,
+            request.topic,
+            [
+                BulkPublishEntry(e.entry_id, e.event, e.content_type, dict(e.metadata))
+                for e in request.entries
+            ],
+            dict(request.metadata),
+            traceparent=traceparent,
+            tracestate=tracestate,
+        )
+        # Failed entries are an answer, not an error: the call itself succeeds, as in Dapr.
+        return pubsub_pb2.BulkPublishResponse(
+            failedEntries=[
+                pubsub_pb2.BulkPublishResponseFailedEntry(entry_id=entry_id, error=error)
+                for entry_id, error in failed
+            ]
+        )
+
+    @_rpc
+    async def SubscribeTopicEventsAlpha1(
+        self,
+        request_iterator: AsyncIterator[pubsub_pb2.SubscribeTopicEventsRequestAlpha1],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """A streaming subscription (dapr-api.md §3.8): it lives as long as the stream."""
+        block = self._pubsub()
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof(_REQUEST_ONEOF) != "initial_request":
+            raise bad_request("initial request is required")
+        init = first.initial_request
+        block.entry(init.pubsub_name, init.topic)  # unknown pubsub, empty names: rich errors
+        spec = SubscriptionSpec(
+            init.pubsub_name,
+            init.topic,
+            Routes([], "/"),
+            dict(init.metadata),
+            init.dead_letter_topic,
+            "STREAMING",
+        )
+        stream = EventStream(context)
+        try:
+            # Subscribed before the initial response, as daprd does: an event published once
+            # the client's subscribe() returned reaches it. Events wait for the response.
+            try:
+                subscribed = await block.subscribe(spec, stream)
+            except PubSubError as exc:
+                raise PillionError(
+                    Code.ERROR,
+                    f"error subscribing to topic {init.topic} in pubsub {init.pubsub_name}: {exc}",
+                    500,
+                    GrpcCode.INTERNAL,
+                ) from exc
+            if not subscribed:
+                # The block refuses only for topic scoping here (the pubsub was looked up above).
+                raise PillionError(
+                    "ERR_PUBSUB_FORBIDDEN",
+                    f"topic {init.topic} is not allowed for app id {block.app_id}",
+                    403,
+                    GrpcCode.PERMISSION_DENIED,
+                    reason="DAPR_PUBSUB_FORBIDDEN",
+                    metadata={"appID": block.app_id, "topic": init.topic},
+                    resource_type="pubsub",
+                    resource_name=init.pubsub_name,
+                )
+            # The SDK reads exactly one message before it starts iterating: answer at once.
+            await stream.open()
+            async for msg in request_iterator:
+                if msg.WhichOneof(_REQUEST_ONEOF) != "event_processed":
+                    raise bad_request("duplicate initial request received")
+                stream.processed(msg.event_processed.id, msg.event_processed.status.status)
+        finally:
+            # Deliveries waiting on this stream get RETRY (the broker keeps their messages).
+            stream.close()
+            await asyncio.shield(block.unsubscribe(spec))
+
 
 # --- RPCs of blocks not built yet -----------------------------------------------------------------
 
 # Substring of the lowercased RPC name -> the block named in the UNIMPLEMENTED message; the first
 # match wins, so more specific entries come first.
 UNIMPLEMENTED_BLOCKS: tuple[tuple[str, str], ...] = (
-    ("publishevent", "pub/sub"),
-    ("subscribetopicevents", "pub/sub"),
     ("binding", "bindings"),
     ("secret", "secrets"),
     ("actor", "actors"),
@@ -370,6 +494,122 @@ def _install_unimplemented(cls: type[DaprApi]) -> None:
 
 
 _install_unimplemented(DaprApi)
+
+
+# --- pub/sub over gRPC: shared with the gRPC app channel ------------------------------------------
+
+_REQUEST_ONEOF: Final = "subscribe_topic_events_request_type"
+
+
+def topic_event_request(
+    envelope: Mapping[str, Any], path: str, *, topic: str, pubsub: str
+) -> appcallback_pb2.TopicEventRequest:
+    """The TopicEventRequest for a delivered CloudEvent (OnTopicEvent and streaming).
+
+    `topic` and `pubsub` are the subscription's. Raises ce.CloudEventError where Dapr returns
+    a retriable error (undecodable data).
+    """
+    ev = ce.topic_event_fields(envelope, topic=topic, pubsub=pubsub)
+    req = appcallback_pb2.TopicEventRequest(
+        id=ev.id,
+        source=ev.source,
+        type=ev.type,
+        spec_version=ev.spec_version,
+        data_content_type=ev.data_content_type,
+        data=ev.data,
+        topic=ev.topic,
+        pubsub_name=ev.pubsub_name,
+        path=path,
+    )
+    try:
+        req.extensions.update(ev.extensions)
+    except (TypeError, ValueError) as exc:
+        raise ce.CloudEventError(f"cloud event extensions: {exc}") from exc
+    return req
+
+
+class EventStream:
+    """One SubscribeTopicEventsAlpha1 stream as the block's AppDeliverer.
+
+    Each event goes out as `event_message`; its delivery waits for the client's matching
+    `event_processed`. Events may be in flight concurrently (the broker bounds how many).
+    """
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self._send_lock = asyncio.Lock()  # grpc allows one write in flight per call
+        self._opened = asyncio.Event()
+        self._waiting: dict[str, list[asyncio.Future[ce.Result]]] = {}
+        self.closed = False
+
+    async def _send(self, msg: pubsub_pb2.SubscribeTopicEventsResponseAlpha1) -> None:
+        async with self._send_lock:
+            await self._context.write(msg)
+
+    async def open(self) -> None:
+        """Send `initial_response`; events are streamed only after it."""
+        await self._send(
+            pubsub_pb2.SubscribeTopicEventsResponseAlpha1(
+                initial_response=pubsub_pb2.SubscribeTopicEventsResponseInitialAlpha1()
+            )
+        )
+        self._opened.set()
+
+    async def deliver(self, d: Delivery) -> ce.Result:
+        await self._opened.wait()
+        if self.closed:
+            return ce.Result.RETRY
+        try:
+            event = topic_event_request(d.envelope, "", topic=d.spec.topic, pubsub=d.spec.pubsub)
+        except ce.CloudEventError as exc:
+            log.error("cannot stream event on topic %s: %s", d.spec.topic, exc)
+            return ce.Result.RETRY
+        fut: asyncio.Future[ce.Result] = asyncio.get_running_loop().create_future()
+        # Registered before sending, so an answer that comes back at once is not missed.
+        waiting = self._waiting.setdefault(event.id, [])
+        waiting.append(fut)
+        try:
+            try:
+                await self._send(pubsub_pb2.SubscribeTopicEventsResponseAlpha1(event_message=event))
+            except Exception as exc:  # the stream ended while sending: the client is gone
+                log.debug("streaming event %s failed: %r", event.id, exc)
+                return ce.Result.RETRY
+            return await fut
+        finally:
+            if fut in waiting:
+                waiting.remove(fut)
+            if not waiting and self._waiting.get(event.id) is waiting:
+                del self._waiting[event.id]
+
+    def processed(self, event_id: str, status: int) -> None:
+        """The client's answer for `event_id` (the oldest delivery of that id waiting)."""
+        for fut in self._waiting.get(event_id, ()):
+            if not fut.done():
+                fut.set_result(ce.grpc_result(status))
+                return
+        log.debug("answer for unknown event %s ignored", event_id)
+
+    def close(self) -> None:
+        self.closed = True
+        self._opened.set()  # deliveries still waiting for the stream to open give up
+        for waiting in self._waiting.values():
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_result(ce.Result.RETRY)
+
+
+def _trace_context(md: Iterable[tuple[str, str | bytes]]) -> tuple[str, str]:
+    """The caller's W3C traceparent and tracestate from its invocation metadata."""
+    traceparent = tracestate = ""
+    for key, value in md:
+        if not isinstance(value, str):
+            continue
+        k = key.lower()
+        if k == "traceparent":
+            traceparent = value
+        elif k == "tracestate":
+            tracestate = value
+    return traceparent, tracestate
 
 
 # --- decoding -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pillion.blocks.pubsub import BulkPublishEntry
 from pillion.blocks.state import SaveItem, TxOperation, parse_concurrency, parse_consistency
 from pillion.components.state.api import BulkGetItem, Concurrency, Consistency
 from pillion.errors import Code, GrpcCode, PillionError, malformed
@@ -168,3 +169,42 @@ def bulk_get_response(items: Sequence[BulkGetItem]) -> Response:
             fields.append(b'"error":' + json.dumps(it.error).encode())
         parts.append(b"{" + b",".join(fields) + b"}")
     return Response(200, [JSON], b"[" + b",".join(parts) + b"]")
+
+
+def decode_bulk_publish(body: bytes) -> list[BulkPublishEntry]:
+    """`[{"entryId", "event", "contentType", "metadata"}]` of the bulk publish API."""
+    data = _load(body, "the bulk publish request")
+    if not isinstance(data, list):
+        raise PillionError(
+            "ERR_PUBSUB_EVENTS_SER",
+            "error when unmarshaling the request for topic: expected a JSON array of entries",
+            400,
+            GrpcCode.INVALID_ARGUMENT,
+            reason="DAPR_PUBSUB_UNMARSHAL_EVENTS",
+        )
+    out: list[BulkPublishEntry] = []
+    for i, e in enumerate(data):
+        if not isinstance(e, dict):
+            raise malformed(f"entry {i} must be an object")
+        ctype = e.get("contentType") or ""
+        if not isinstance(ctype, str):
+            raise malformed(f'entry {i}: "contentType" must be a string')
+        out.append(
+            BulkPublishEntry(
+                str(e.get("entryId") or ""),
+                e.get("event"),
+                ctype,
+                _str_map(e.get("metadata"), "metadata"),
+            )
+        )
+    return out
+
+
+def bulk_publish_response(failed: Sequence[tuple[str, str]]) -> Response:
+    if not failed:
+        return no_content()
+    body = {
+        "failedEntries": [{"entryId": i, "error": err} for i, err in failed],
+        "errorCode": "ERR_PUBSUB_PUBLISH_MESSAGE",
+    }
+    return json_response(body, 500)

@@ -15,6 +15,7 @@ from pillion.api.http import codec
 from pillion.blocks.health import Health
 from pillion.blocks.invoke import InvokeBlock, InvokeRequest
 from pillion.blocks.metadata import MetadataBlock
+from pillion.blocks.pubsub import PubSubBlock
 from pillion.blocks.state import StateBlock
 from pillion.errors import Code, GrpcCode, PillionError, direct_invoke, unimplemented
 from pillion.transport.http import Request, Response
@@ -25,7 +26,6 @@ api_log = logging.getLogger("pillion.api.http.calls")
 # Building blocks whose routes exist in Dapr but not yet here: answer 501 naming the block
 # rather than falling through to service invocation.
 _LATER_BLOCKS: dict[str, str] = {
-    "publish": "pub/sub",
     "bindings": "bindings",
     "actors": "actors",
     "secrets": "secrets",
@@ -52,6 +52,7 @@ class HttpApi:
     invoke: InvokeBlock
     metadata: MetadataBlock
     request_shutdown: Callable[[], None]
+    pubsub: PubSubBlock | None = None
     api_logging: bool = False
     api_token: str | None = None
 
@@ -111,6 +112,8 @@ class HttpApi:
             return await self._invoke_path(req, rest)
         if block == "state":
             return await self._state(req, version, rest)
+        if block == "publish" and self.pubsub is not None:
+            return await self._publish(req, version, rest)
         if block == "metadata" and version == "v1.0":
             return self._metadata(req, rest)
         if block == "shutdown" and version == "v1.0":
@@ -182,6 +185,35 @@ class HttpApi:
             "failed getting app id either from the URL path or the header dapr-app-id", 404
         )
 
+    # --- pub/sub ------------------------------------------------------------------------------
+
+    async def _publish(self, req: Request, version: str, rest: list[str]) -> Response:
+        assert self.pubsub is not None
+        _allow(req, "POST", "PUT")
+        bulk = bool(rest) and rest[0] == "bulk"
+        if bulk:
+            rest = rest[1:]
+        elif version != "v1.0":
+            raise _not_found(req)
+        pubsub = unquote(rest[0]) if rest else ""
+        topic = "/".join(unquote(t) for t in rest[1:])
+        md = codec.query_metadata(_query(req))
+        trace = _trace_headers(req)
+        if bulk:
+            entries = codec.decode_bulk_publish(req.body)
+            failed = await self.pubsub.bulk_publish(pubsub, topic, entries, md, **trace)
+            return codec.bulk_publish_response(failed)
+        ctype = req.header(b"content-type")
+        await self.pubsub.publish(
+            pubsub,
+            topic,
+            req.body,
+            content_type=ctype.decode("latin-1") if ctype else None,
+            metadata=md,
+            **trace,
+        )
+        return codec.no_content()
+
     # --- state --------------------------------------------------------------------------------
 
     async def _state(self, req: Request, version: str, rest: list[str]) -> Response:
@@ -240,6 +272,15 @@ class HttpApi:
 class _Unauthorized(PillionError):
     def __init__(self) -> None:
         super().__init__("ERR_UNAUTHORIZED", "invalid api token", 401, GrpcCode.UNAUTHENTICATED)
+
+
+def _trace_headers(req: Request) -> dict[str, str]:
+    tp = req.header(b"traceparent")
+    ts = req.header(b"tracestate")
+    return {
+        "traceparent": tp.decode("latin-1") if tp else "",
+        "tracestate": ts.decode("latin-1") if ts else "",
+    }
 
 
 def _query(req: Request) -> dict[str, str]:

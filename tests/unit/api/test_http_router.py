@@ -411,8 +411,6 @@ def test_unknown_api_routes_are_404(target: str) -> None:
 @pytest.mark.parametrize(
     ("target", "block"),
     [
-        ("/v1.0/publish/pubsub/topic", "pub/sub"),
-        ("/v1.0-alpha1/publish/bulk/pubsub/topic", "pub/sub"),
         ("/v1.0/bindings/b", "bindings"),
         ("/v1.0/actors/T/1/method/m", "actors"),
         ("/v1.0/secrets/s/k", "secrets"),

@@ -15,7 +15,8 @@ def test_writes_the_default_files(tmp_path: Path) -> None:
     result = initialise(tmp_path)
     store = tmp_path / "components" / "statestore.yaml"
     config = tmp_path / "config.yaml"
-    assert set(result.written) == {store.resolve(), config.resolve()}
+    pubsub = tmp_path / "components" / "pubsub.yaml"
+    assert set(result.written) == {store.resolve(), pubsub.resolve(), config.resolve()}
     assert result.kept == ()
     assert is_initialised(tmp_path)
 
@@ -30,6 +31,12 @@ def test_writes_the_default_files(tmp_path: Path) -> None:
         "connectionString": str(tmp_path.resolve() / "state.db"),
         "actorStateStore": "true",
     }
+
+    ps = yaml.safe_load(pubsub.read_text())
+    assert (ps["metadata"]["name"], ps["spec"]["type"]) == ("pubsub", "pubsub.sqlite")
+    assert ps["spec"]["metadata"] == [
+        {"name": "connectionString", "value": str(tmp_path.resolve() / "pubsub.db")}
+    ]
 
     cfg = yaml.safe_load(config.read_text())
     assert cfg["kind"] == "Configuration"
@@ -46,7 +53,7 @@ def test_idempotent_and_keeps_user_edits(tmp_path: Path) -> None:
     result = initialise(tmp_path)
     assert store.read_text() == "# mine\n"
     assert result.written == ((tmp_path / "config.yaml").resolve(),)
-    assert result.kept == (store.resolve(),)
+    assert result.kept == (store.resolve(), (tmp_path / "components" / "pubsub.yaml").resolve())
     again = initialise(tmp_path)
     assert again.written == ()
     assert len(again.kept) == len(DEFAULT_FILES)

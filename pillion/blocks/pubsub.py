@@ -1,0 +1,500 @@
+"""The pub/sub block: publish with CloudEvents, subscriptions, routing, delivery, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pillion.blocks import cloudevents as ce
+from pillion.blocks.routing import RouteEvalError, Routes
+from pillion.components.metadata import ComponentConfigError, parse_bool
+from pillion.components.pubsub.api import (
+    BulkEntry,
+    BulkPublisher,
+    Feature,
+    Message,
+    PubSub,
+    PubSubError,
+    SubscribeRequest,
+    Subscription,
+    TopicNotFound,
+)
+from pillion.errors import GrpcCode, PillionError
+
+log = logging.getLogger("pillion.blocks.pubsub")
+
+CLOUDEVENTS_JSON = "application/cloudevents+json"
+# Attempts at delivering one message before it is dead-lettered or handed back to the broker
+# (which redelivers it later). Resiliency policies replace this default when they land.
+DEFAULT_ATTEMPTS = 3
+DEFAULT_BACKOFF = 0.1
+
+
+@dataclass(frozen=True)
+class PubSubEntry:
+    """A loaded pub/sub component as the block sees it."""
+
+    name: str
+    component: PubSub
+    scopes: ce.TopicScopes
+
+
+@dataclass(frozen=True)
+class BulkSubscribe:
+    enabled: bool = False
+    max_messages: int = 100
+    max_await_ms: int = 40
+
+
+@dataclass(frozen=True)
+class SubscriptionSpec:
+    """One subscription of the app: where it came from, and how events reach the app."""
+
+    pubsub: str
+    topic: str
+    routes: Routes
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    dead_letter_topic: str = ""
+    kind: str = "PROGRAMMATIC"  # DECLARATIVE | PROGRAMMATIC | STREAMING
+    bulk: BulkSubscribe = field(default_factory=BulkSubscribe)
+
+    @property
+    def raw_payload(self) -> bool:
+        try:
+            return parse_bool("rawPayload", self.metadata.get("rawPayload", "false"))
+        except ComponentConfigError:
+            return False
+
+    def view(self) -> dict[str, Any]:
+        """The metadata API's entry for this subscription."""
+        out: dict[str, Any] = {"pubsubname": self.pubsub, "topic": self.topic, "type": self.kind}
+        if self.metadata:
+            out["metadata"] = dict(self.metadata)
+        rules = [{"match": m, "path": p} for m, p in self.routes.rules]
+        if self.routes.default:
+            rules.append({"path": self.routes.default})
+        if rules:
+            out["rules"] = rules
+        if self.dead_letter_topic:
+            out["deadLetterTopic"] = self.dead_letter_topic
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event on its way to the app."""
+
+    spec: SubscriptionSpec
+    path: str
+    envelope: dict[str, Any]
+    metadata: Mapping[str, str]
+
+
+class AppDeliverer(Protocol):
+    """Sidecar -> app delivery of one event (HTTP POST or gRPC OnTopicEvent)."""
+
+    async def deliver(self, d: Delivery) -> ce.Result: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BulkPublishEntry:
+    entry_id: str
+    event: Any  # JSON value as sent (HTTP) or bytes (gRPC)
+    content_type: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+def _err(
+    code: str, reason: str, message: str, http: int, grpc: GrpcCode, pubsub: str = "", **md: str
+) -> PillionError:
+    return PillionError(
+        code,
+        message,
+        http,
+        grpc,
+        reason=reason,
+        metadata=dict(md),
+        resource_type="pubsub" if pubsub else None,
+        resource_name=pubsub or None,
+    )
+
+
+class PubSubBlock:
+    """Publishing and subscriptions for every transport; the adapters only decode and encode."""
+
+    def __init__(self, app_id: str, pubsubs: Mapping[str, PubSubEntry]) -> None:
+        self.app_id = app_id
+        self.pubsubs = dict(pubsubs)
+        self._subs: list[tuple[SubscriptionSpec, Subscription]] = []
+        self._specs: list[SubscriptionSpec] = []
+        self.attempts = DEFAULT_ATTEMPTS
+        self.backoff = DEFAULT_BACKOFF
+
+    # --- lookup -------------------------------------------------------------------------------
+
+    def entry(self, name: str, topic: str) -> PubSubEntry:
+        if not self.pubsubs:
+            raise _err(
+                "ERR_PUBSUB_NOT_CONFIGURED",
+                "DAPR_PUBSUB_NOT_CONFIGURED",
+                "no pubsub is configured",
+                400,
+                GrpcCode.FAILED_PRECONDITION,
+                appID=self.app_id,
+            )
+        if not name:
+            raise _err(
+                "ERR_PUBSUB_EMPTY",
+                "DAPR_PUBSUB_NAME_EMPTY",
+                "pubsub name is empty",
+                404,
+                GrpcCode.INVALID_ARGUMENT,
+                appID=self.app_id,
+            )
+        e = self.pubsubs.get(name)
+        if e is None:
+            raise _err(
+                "ERR_PUBSUB_NOT_FOUND",
+                "DAPR_PUBSUB_NOT_FOUND",
+                f"pubsub {name} is not found",
+                404,
+                GrpcCode.INVALID_ARGUMENT,
+                name,
+                appID=self.app_id,
+            )
+        if not topic:
+            raise _err(
+                "ERR_TOPIC_NAME_EMPTY",
+                "DAPR_PUBSUB_TOPIC_NAME_EMPTY",
+                f"topic is empty in pubsub {name}",
+                404,
+                GrpcCode.INVALID_ARGUMENT,
+                name,
+                appID=self.app_id,
+            )
+        return e
+
+    # --- publish ------------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        pubsub: str,
+        topic: str,
+        data: bytes,
+        *,
+        content_type: str | None,
+        metadata: Mapping[str, str],
+        traceparent: str = "",
+        tracestate: str = "",
+    ) -> None:
+        e = self.entry(pubsub, topic)
+        self._check_publish(e, topic)
+        payload = self._payload(
+            e, pubsub, topic, data, content_type, metadata, traceparent, tracestate
+        )
+        await self._send(e, pubsub, topic, payload, _broker_metadata(metadata))
+
+    def _check_publish(self, e: PubSubEntry, topic: str) -> None:
+        if not e.scopes.can_publish(self.app_id, topic):
+            raise _err(
+                "ERR_PUBSUB_FORBIDDEN",
+                "DAPR_PUBSUB_FORBIDDEN",
+                f"topic {topic} is not allowed for app id {self.app_id}",
+                403,
+                GrpcCode.PERMISSION_DENIED,
+                e.name,
+                appID=self.app_id,
+                topic=topic,
+            )
+
+    def _payload(
+        self,
+        e: PubSubEntry,
+        pubsub: str,
+        topic: str,
+        data: bytes,
+        content_type: str | None,
+        metadata: Mapping[str, str],
+        traceparent: str,
+        tracestate: str,
+    ) -> bytes:
+        raw = metadata.get("rawPayload")
+        if raw is not None:
+            try:
+                is_raw = parse_bool("rawPayload", raw)
+            except ComponentConfigError as exc:
+                raise _err(
+                    "ERR_PUBSUB_REQUEST_METADATA",
+                    "DAPR_PUBSUB_METADATA_DESERIALIZATION",
+                    f"failed deserializing metadata: {exc}",
+                    400,
+                    GrpcCode.INVALID_ARGUMENT,
+                    pubsub,
+                ) from exc
+            if is_raw:
+                return data
+        ttl = None
+        if metadata.get("ttlInSeconds") and Feature.MESSAGE_TTL not in e.component.features():
+            try:
+                ttl = int(metadata["ttlInSeconds"])
+            except ValueError as exc:
+                raise _err(
+                    "ERR_PUBSUB_REQUEST_METADATA",
+                    "DAPR_PUBSUB_METADATA_DESERIALIZATION",
+                    f"failed deserializing metadata: ttlInSeconds: {exc}",
+                    400,
+                    GrpcCode.INVALID_ARGUMENT,
+                    pubsub,
+                ) from exc
+        try:
+            if (content_type or "").split(";")[0].strip().lower() == CLOUDEVENTS_JSON:
+                env = ce.complete_envelope(
+                    data, topic=topic, pubsub=pubsub, traceparent=traceparent, tracestate=tracestate
+                )
+            else:
+                overrides = {
+                    k[11:]: v for k, v in metadata.items() if k.lower().startswith("cloudevent.")
+                }
+                env = ce.new_envelope(
+                    data=data,
+                    content_type=content_type,
+                    topic=topic,
+                    pubsub=pubsub,
+                    source=self.app_id,
+                    traceparent=traceparent,
+                    tracestate=tracestate,
+                    ttl_seconds=ttl,
+                    overrides=overrides,
+                )
+            return ce.encode(env)
+        except ce.CloudEventError as exc:
+            raise _err(
+                "ERR_PUBSUB_CLOUD_EVENTS_SER",
+                "DAPR_PUBSUB_CLOUD_EVENT_CREATION",
+                f"cannot create cloudevent: {exc}",
+                500,
+                GrpcCode.INVALID_ARGUMENT,
+                pubsub,
+            ) from exc
+
+    async def _send(
+        self, e: PubSubEntry, pubsub: str, topic: str, payload: bytes, metadata: Mapping[str, str]
+    ) -> None:
+        try:
+            await e.component.publish(topic, payload, metadata)
+        except TopicNotFound as exc:
+            raise _err(
+                "ERR_PUBSUB_NOT_FOUND",
+                "DAPR_PUBSUB_TEST_NOT_FOUND",
+                f"topic {topic} not found in pubsub {pubsub}: {exc}",
+                400,
+                GrpcCode.NOT_FOUND,
+                pubsub,
+            ) from exc
+        except PubSubError as exc:
+            raise _err(
+                "ERR_PUBSUB_PUBLISH_MESSAGE",
+                "DAPR_PUBSUB_PUBLISH_MESSAGE",
+                f"error when publishing to topic {topic} in pubsub {pubsub}: {exc}",
+                500,
+                GrpcCode.INTERNAL,
+                pubsub,
+                topic=topic,
+            ) from exc
+
+    async def bulk_publish(
+        self,
+        pubsub: str,
+        topic: str,
+        entries: Sequence[BulkPublishEntry],
+        metadata: Mapping[str, str],
+        *,
+        traceparent: str = "",
+        tracestate: str = "",
+    ) -> list[tuple[str, str]]:
+        """Publish every entry; (entry_id, error) for each that failed."""
+        e = self.entry(pubsub, topic)
+        self._check_publish(e, topic)
+        ids = [x.entry_id for x in entries]
+        if any(not i for i in ids) or len(set(ids)) != len(ids):
+            raise _err(
+                "ERR_PUBSUB_EVENTS_SER",
+                "DAPR_PUBSUB_MARSHAL_EVENTS",
+                "error: entryId is duplicated or not present for entry",
+                400,
+                GrpcCode.INVALID_ARGUMENT,
+                pubsub,
+            )
+        built: list[BulkEntry] = []
+        for x in entries:
+            md = {**metadata, **x.metadata}
+            try:
+                data = (
+                    x.event
+                    if isinstance(x.event, bytes)
+                    else ce.bulk_entry_bytes(x.event, x.content_type)
+                )
+            except ce.CloudEventError as exc:
+                raise _err(
+                    "ERR_PUBSUB_EVENTS_SER",
+                    "DAPR_PUBSUB_MARSHAL_EVENTS",
+                    f"error: {exc} for entry {x.entry_id}",
+                    400,
+                    GrpcCode.INVALID_ARGUMENT,
+                    pubsub,
+                ) from exc
+            payload = self._payload(
+                e, pubsub, topic, data, x.content_type or None, md, traceparent, tracestate
+            )
+            built.append(BulkEntry(x.entry_id, payload, _broker_metadata(md)))
+        comp = e.component
+        if Feature.BULK_PUBLISH in comp.features() and isinstance(comp, BulkPublisher):
+            try:
+                return await comp.bulk_publish(topic, built, _broker_metadata(metadata))
+            except PubSubError as exc:
+                return [(b.entry_id, str(exc)) for b in built]
+        results = await asyncio.gather(
+            *(comp.publish(topic, b.data, b.metadata) for b in built), return_exceptions=True
+        )
+        failed: list[tuple[str, str]] = []
+        for b, r in zip(built, results, strict=True):
+            if isinstance(r, BaseException):
+                if not isinstance(r, Exception):
+                    raise r
+                failed.append((b.entry_id, str(r)))
+        return failed
+
+    # --- subscriptions ------------------------------------------------------------------------
+
+    def subscriptions(self) -> list[SubscriptionSpec]:
+        return list(self._specs)
+
+    async def subscribe(self, spec: SubscriptionSpec, deliverer: AppDeliverer) -> bool:
+        """Start delivering `spec`'s topic to the app; False when it is refused (logged)."""
+        e = self.pubsubs.get(spec.pubsub)
+        if e is None:
+            log.warning(
+                "subscription to %s/%s refused: pubsub %s is not found",
+                spec.pubsub,
+                spec.topic,
+                spec.pubsub,
+            )
+            return False
+        if not e.scopes.can_subscribe(self.app_id, spec.topic):
+            log.warning(
+                "subscription to topic %s refused: not allowed for app id %s (subscriptionScopes)",
+                spec.topic,
+                self.app_id,
+            )
+            return False
+        handler = _Handler(self, e, spec, deliverer)
+        req = SubscribeRequest(spec.topic, dict(spec.metadata))
+        sub = await e.component.subscribe(req, handler)
+        self._subs.append((spec, sub))
+        self._specs.append(spec)
+        log.info(
+            "subscribed to topic %s on pubsub %s (%s)", spec.topic, spec.pubsub, spec.kind.lower()
+        )
+        return True
+
+    async def unsubscribe(self, spec: SubscriptionSpec) -> None:
+        for i, (s, sub) in enumerate(self._subs):
+            if s is spec:
+                del self._subs[i]
+                self._specs.remove(spec)
+                await sub.close()
+                return
+
+    async def stop(self) -> None:
+        """Stop every subscription; unacknowledged messages stay with the broker."""
+        subs, self._subs, self._specs = self._subs, [], []
+        await asyncio.gather(*(sub.close() for _, sub in subs), return_exceptions=True)
+
+    async def dead_letter(self, e: PubSubEntry, spec: SubscriptionSpec, msg: Message) -> None:
+        """Forward a message to the subscription's dead-letter topic (same pubsub, same bytes)."""
+        await e.component.publish(spec.dead_letter_topic, msg.data, dict(msg.metadata))
+        log.warning(
+            "message %s on topic %s sent to dead-letter topic %s",
+            msg.id,
+            msg.topic,
+            spec.dead_letter_topic,
+        )
+
+
+class _Handler:
+    """Turns one broker message into app deliveries: decode, expire, route, retry, dead-letter."""
+
+    def __init__(
+        self, block: PubSubBlock, e: PubSubEntry, spec: SubscriptionSpec, deliverer: AppDeliverer
+    ) -> None:
+        self.block = block
+        self.e = e
+        self.spec = spec
+        self.deliverer = deliverer
+
+    async def __call__(self, msg: Message) -> None:
+        spec = self.spec
+        if spec.raw_payload:
+            env = ce.raw_envelope(
+                msg.data, topic=msg.topic, pubsub=spec.pubsub, metadata=msg.metadata
+            )
+        else:
+            try:
+                env = ce.decode(msg.data)
+            except ce.CloudEventError as exc:
+                log.error("message %s on topic %s is not a CloudEvent: %s", msg.id, msg.topic, exc)
+                await self._give_up(msg)
+                return
+        if ce.is_expired(env):
+            log.warning("message %s on topic %s expired before delivery", msg.id, msg.topic)
+            await self._give_up(msg)
+            return
+        try:
+            path = spec.routes.select(env)
+        except RouteEvalError as exc:
+            # Dapr: a rule that fails to evaluate stops routing; dead-letter, else retry.
+            log.error("routing message %s on topic %s failed: %s", msg.id, msg.topic, exc)
+            if spec.dead_letter_topic:
+                await self.block.dead_letter(self.e, spec, msg)
+                return
+            raise PubSubError(f"routing failed: {exc}") from exc
+        if path is None:
+            # No rule matched and no default: dropped as success, as Dapr does.
+            await self._give_up(msg)
+            return
+        headers = {**msg.metadata, "pubsubName": spec.pubsub}
+        delivery = Delivery(spec, path, env, headers)
+        delay = self.block.backoff
+        for attempt in range(1, self.block.attempts + 1):
+            try:
+                result = await self.deliverer.deliver(delivery)
+            except PillionError as exc:  # app unreachable, unhealthy, ...
+                log.warning("delivery of %s to %s failed: %s", msg.id, path, exc.message)
+                result = ce.Result.RETRY
+            if result == ce.Result.SUCCESS:
+                return
+            if result == ce.Result.DROP:
+                log.warning("app dropped message %s on topic %s", msg.id, msg.topic)
+                await self._give_up(msg)
+                return
+            if attempt < self.block.attempts:
+                await asyncio.sleep(delay)
+                delay *= 2
+        if spec.dead_letter_topic:
+            await self.block.dead_letter(self.e, spec, msg)
+            return
+        # Unacknowledged: the broker redelivers it later per its settings (pubsub.rabbitmq
+        # needs requeueInFailure or a dead-letter exchange for that, as in Dapr).
+        raise PubSubError(f"app did not accept message {msg.id} on topic {msg.topic}")
+
+    async def _give_up(self, msg: Message) -> None:
+        if self.spec.dead_letter_topic:
+            await self.block.dead_letter(self.e, self.spec, msg)
+
+
+def _broker_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Request metadata handed to the broker: everything but the envelope overrides."""
+    return {k: v for k, v in metadata.items() if not k.lower().startswith("cloudevent.")}
