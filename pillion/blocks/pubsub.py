@@ -93,10 +93,39 @@ class Delivery:
     metadata: Mapping[str, str]
 
 
+@dataclass(frozen=True, slots=True)
+class BulkItem:
+    """One entry of a bulk delivery (bulkSubscribe): the event and its broker metadata."""
+
+    entry_id: str
+    envelope: dict[str, Any]
+    metadata: Mapping[str, str]
+
+
 class AppDeliverer(Protocol):
-    """Sidecar -> app delivery of one event (HTTP POST or gRPC OnTopicEvent)."""
+    """Sidecar -> app delivery (HTTP POST or gRPC OnTopicEvent / OnBulkTopicEvent)."""
 
     async def deliver(self, d: Delivery) -> ce.Result: ...
+
+    async def deliver_bulk(
+        self, spec: SubscriptionSpec, path: str, items: Sequence[BulkItem]
+    ) -> dict[str, ce.Result]:
+        """A result per entry id; entries missing from the answer count as RETRY."""
+        ...
+
+
+async def deliver_each(
+    deliverer: AppDeliverer, spec: SubscriptionSpec, path: str, items: Sequence[BulkItem]
+) -> dict[str, ce.Result]:
+    """A bulk delivery done as single deliveries, for channels without a bulk call."""
+    results = await asyncio.gather(
+        *(deliverer.deliver(Delivery(spec, path, it.envelope, it.metadata)) for it in items),
+        return_exceptions=True,
+    )
+    return {
+        it.entry_id: r if isinstance(r, ce.Result) else ce.Result.RETRY
+        for it, r in zip(items, results, strict=True)
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,10 +437,13 @@ class PubSubBlock:
                 await sub.close()
                 return
 
-    async def stop(self) -> None:
-        """Stop every subscription; unacknowledged messages stay with the broker."""
-        subs, self._subs, self._specs = self._subs, [], []
-        await asyncio.gather(*(sub.close() for _, sub in subs), return_exceptions=True)
+    async def stop(self, *, app_only: bool = False) -> None:
+        """Stop subscriptions (`app_only`: not the streaming ones, which belong to clients);
+        unacknowledged messages stay with the broker."""
+        stopping = [(s, sub) for s, sub in self._subs if not app_only or s.kind != "STREAMING"]
+        self._subs = [x for x in self._subs if x not in stopping]
+        self._specs = [s for s, _ in self._subs]
+        await asyncio.gather(*(sub.close() for _, sub in stopping), return_exceptions=True)
 
     async def dead_letter(self, e: PubSubEntry, spec: SubscriptionSpec, msg: Message) -> None:
         """Forward a message to the subscription's dead-letter topic (same pubsub, same bytes)."""
@@ -434,6 +466,7 @@ class _Handler:
         self.e = e
         self.spec = spec
         self.deliverer = deliverer
+        self._batches: dict[str, _Batch] = {}
 
     async def __call__(self, msg: Message) -> None:
         spec = self.spec
@@ -470,7 +503,10 @@ class _Handler:
         delay = self.block.backoff
         for attempt in range(1, self.block.attempts + 1):
             try:
-                result = await self.deliverer.deliver(delivery)
+                if spec.bulk.enabled:
+                    result = await self._batch(path).add(env, headers)
+                else:
+                    result = await self.deliverer.deliver(delivery)
             except PillionError as exc:  # app unreachable, unhealthy, ...
                 log.warning("delivery of %s to %s failed: %s", msg.id, path, exc.message)
                 result = ce.Result.RETRY
@@ -493,6 +529,59 @@ class _Handler:
     async def _give_up(self, msg: Message) -> None:
         if self.spec.dead_letter_topic:
             await self.block.dead_letter(self.e, self.spec, msg)
+
+    def _batch(self, path: str) -> _Batch:
+        b = self._batches.get(path)
+        if b is None or b.sealed:
+            b = self._batches[path] = _Batch(self, path)
+        return b
+
+
+class _Batch:
+    """Events on their way to one route as one bulk delivery (bulkSubscribe).
+
+    Messages join until `maxMessagesCount` or `maxAwaitDurationMs`, then one delivery carries
+    them all; each message's handler gets its own entry's result. How many can join is also
+    bounded by the broker's concurrency (the handlers waiting here are in flight).
+    """
+
+    def __init__(self, handler: _Handler, path: str) -> None:
+        self.handler = handler
+        self.path = path
+        self.items: list[BulkItem] = []
+        self.futures: dict[str, asyncio.Future[ce.Result]] = {}
+        self.sealed = False
+        spec = handler.spec
+        self._timer = asyncio.get_running_loop().call_later(
+            spec.bulk.max_await_ms / 1000, self._flush_soon
+        )
+
+    async def add(self, env: dict[str, Any], metadata: Mapping[str, str]) -> ce.Result:
+        entry_id = f"{len(self.items)}-{env.get('id', '')}"
+        fut: asyncio.Future[ce.Result] = asyncio.get_running_loop().create_future()
+        self.items.append(BulkItem(entry_id, env, metadata))
+        self.futures[entry_id] = fut
+        if len(self.items) >= self.handler.spec.bulk.max_messages:
+            self._flush_soon()
+        return await fut
+
+    def _flush_soon(self) -> None:
+        if self.sealed:
+            return
+        self.sealed = True
+        self._timer.cancel()
+        asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        h = self.handler
+        try:
+            results = await h.deliverer.deliver_bulk(h.spec, self.path, self.items)
+        except Exception as exc:  # any failure: every entry is retried
+            log.warning("bulk delivery to %s failed: %s", self.path, exc)
+            results = {}
+        for entry_id, fut in self.futures.items():
+            if not fut.done():
+                fut.set_result(results.get(entry_id, ce.Result.RETRY))
 
 
 def _broker_metadata(metadata: Mapping[str, str]) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -13,7 +14,13 @@ from google.protobuf import empty_pb2
 from pillion.api.grpc.dapr_api import topic_event_request
 from pillion.blocks import cloudevents as ce
 from pillion.blocks.invoke import Unreachable
-from pillion.blocks.pubsub import BulkSubscribe, Delivery, SubscriptionSpec
+from pillion.blocks.pubsub import (
+    BulkItem,
+    BulkSubscribe,
+    Delivery,
+    SubscriptionSpec,
+    deliver_each,
+)
 from pillion.blocks.routing import RouteError, Routes
 from pillion.runtime.grpc_app import GrpcAppChannel, Metadata, to_metadata
 
@@ -108,6 +115,11 @@ class GrpcDeliverer:
                 response_deserializer=appcallback_pb2.TopicEventResponse.FromString,
             )
         return self._call
+
+    async def deliver_bulk(
+        self, spec: SubscriptionSpec, path: str, items: Sequence[BulkItem]
+    ) -> dict[str, ce.Result]:
+        return await deliver_each(self, spec, path, items)
 
     async def deliver(self, d: Delivery) -> ce.Result:
         where = f"{d.spec.pubsub}/{d.spec.topic}"

@@ -310,12 +310,15 @@ class Sidecar:
                 failures = 0
                 if not app.healthy:
                     log.info("App entered healthy status")
-                app.healthy = True
+                    app.healthy = True
+                    await self._start_subscriptions(app)  # consume again, as daprd does
             else:
                 failures += 1
                 if failures >= opts.app_health_threshold and app.healthy:
                     log.warning("App entered un-healthy status")
                     app.healthy = False
+                    # No deliveries to an unhealthy app: what was not acknowledged stays queued.
+                    await self.pubsub.stop(app_only=True)
             await asyncio.sleep(opts.app_health_probe_interval)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,21 @@ spec:
     - match: event.type == "order.v2" && event.data.n > 5
       path: /routed/v2
     default: /routed/default
+scopes: [sub]
+---
+apiVersion: dapr.io/v2alpha1
+kind: Subscription
+metadata:
+  name: bulk
+spec:
+  pubsubname: pubsub
+  topic: bulk
+  routes:
+    default: /bulk
+  bulkSubscribe:
+    enabled: true
+    maxMessagesCount: 10
+    maxAwaitDurationMs: 200
 scopes: [sub]
 """
 
@@ -210,3 +226,66 @@ def test_bulk_publish_http(ps: PubSubEnv) -> None:
         ps.pub.http_port, "POST", "/v1.0-alpha1/publish/bulk/pubsub/orders", body=json.dumps(dup)
     )
     assert r.status == 400 and r.json()["errorCode"] == "ERR_PUBSUB_EVENTS_SER"
+
+
+def test_bulk_subscribe(ps: PubSubEnv) -> None:
+    for i in range(8):
+        assert publish(ps, "bulk", {"b": i}) == 204
+    wait_until(lambda: len(ps.received("bulk")) >= 8, 15, "bulk-delivered events")
+    assert sorted(r["data"]["b"] for r in ps.received("bulk")) == list(range(8))
+    batches = call(ps.app_port, "GET", "/batches").json()
+    assert sum(batches) == 8 and max(batches) > 1, batches  # several events per request
+
+
+def test_unhealthy_app_pauses_delivery(tmp_path: Path, home: Path) -> None:
+    (tmp_path / "pubsub.yaml").write_text(RESOURCES.format(db=tmp_path / "pubsub.db"))
+    port = free_port()
+    app = Proc.start(
+        "app sub2",
+        [sys.executable, str(APPS / "subscriber.py"), str(port)],
+        env={**os.environ, "PUBSUB_NAME": "pubsub"},
+    )
+    procs = [app]
+    try:
+        app.wait_for_line("listening", 20)
+        sub = start_sidecar(
+            "sub2",
+            home=home,
+            resources=[tmp_path],
+            app_port=port,
+            wait="ready",
+            timeout=30,
+            extra=[
+                "--enable-app-health-check",
+                "--app-health-probe-interval",
+                "1",
+                "--app-health-threshold",
+                "1",
+            ],
+        )
+        pub = start_sidecar("pub2", home=home, resources=[tmp_path])
+        procs += [sub.proc, pub.proc]
+        env = PubSubEnv(pub, sub, port, procs)
+        assert publish(env, "orders", {"phase": "healthy"}) == 204
+        wait_until(
+            lambda: any(r["data"] == {"phase": "healthy"} for r in env.received("orders")),
+            10,
+            "delivery while healthy",
+        )
+        call(port, "POST", "/health/off")
+        sub.proc.wait_for_line("App entered un-healthy status", 10)
+        assert publish(env, "orders", {"phase": "paused"}) == 204
+
+        def paused_seen() -> bool:
+            return any(r["data"] == {"phase": "paused"} for r in env.received("orders"))
+
+        deadline = time.monotonic() + 2.0  # nothing may arrive while the app is unhealthy
+        while time.monotonic() < deadline:
+            assert not paused_seen()
+            time.sleep(0.1)
+        call(port, "POST", "/health/on")
+        sub.proc.wait_for_line("App entered healthy status", 10)
+        wait_until(paused_seen, 15, "the event held while the app was unhealthy")
+    finally:
+        for p in reversed(procs):
+            p.stop()

@@ -7,7 +7,7 @@ import base64
 import binascii
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Final, TypeVar
 from urllib.parse import quote
@@ -42,7 +42,14 @@ from pillion.blocks.invoke import (
     response_headers,
 )
 from pillion.blocks.metadata import MetadataBlock
-from pillion.blocks.pubsub import BulkPublishEntry, Delivery, PubSubBlock, SubscriptionSpec
+from pillion.blocks.pubsub import (
+    BulkItem,
+    BulkPublishEntry,
+    Delivery,
+    PubSubBlock,
+    SubscriptionSpec,
+    deliver_each,
+)
 from pillion.blocks.routing import Routes
 from pillion.blocks.state import SaveItem, StateBlock, TxOperation
 from pillion.components.pubsub.api import PubSubError
@@ -554,6 +561,11 @@ class EventStream:
             )
         )
         self._opened.set()
+
+    async def deliver_bulk(
+        self, spec: SubscriptionSpec, path: str, items: Sequence[BulkItem]
+    ) -> dict[str, ce.Result]:
+        return await deliver_each(self, spec, path, items)
 
     async def deliver(self, d: Delivery) -> ce.Result:
         await self._opened.wait()

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import uvicorn
 from dapr.ext.fastapi import DaprApp
-from fastapi import Body, FastAPI
+from fastapi import Body, FastAPI, Response
 
 PUBSUB = os.environ.get("PUBSUB_NAME", "pubsub")
 Event = Annotated[dict[str, Any], Body()]
@@ -76,6 +76,38 @@ def routed_v2(event: Event) -> dict[str, str]:
 def routed_default(event: Event) -> dict[str, str]:
     record("routed-default", event)
     return {"status": "SUCCESS"}
+
+
+batches: list[int] = []
+healthy = [True]
+
+
+@app.post("/bulk")
+def bulk(body: Event) -> dict[str, Any]:
+    """bulkSubscribe delivery: {"entries": [{"entryId", "event", ...}]} (dapr-api.md §3.7)."""
+    entries = body.get("entries", [])
+    with lock:
+        batches.append(len(entries))
+    for e in entries:
+        record("bulk", e["event"])
+    return {"statuses": [{"entryId": e["entryId"], "status": "SUCCESS"} for e in entries]}
+
+
+@app.get("/batches")
+def get_batches() -> list[int]:
+    with lock:
+        return list(batches)
+
+
+@app.get("/healthz")
+def healthz() -> Response:
+    return Response(status_code=200 if healthy[0] else 503)
+
+
+@app.post("/health/{state}")
+def set_health(state: str) -> dict[str, bool]:
+    healthy[0] = state == "on"
+    return {"healthy": healthy[0]}
 
 
 @app.get("/received")
