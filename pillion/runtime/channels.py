@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 
@@ -19,6 +18,7 @@ from pillion.blocks.invoke import (
 )
 from pillion.errors import GrpcCode, PillionError, direct_invoke
 from pillion.transport.client import ConnectError, HttpClient, TransportError
+from pillion.transport.dial import wait_for_port
 
 log = logging.getLogger("pillion.runtime.channels")
 
@@ -119,16 +119,7 @@ class HttpAppChannel:
 
     async def wait_ready(self, interval: float = 0.1) -> None:
         """TCP-dial the app port every `interval` until it accepts (daprd's start-up probe)."""
-        while True:
-            try:
-                _, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError:
-                await asyncio.sleep(interval)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
+        await wait_for_port(self.host, self.port, interval)
 
     async def probe(self, path: str, timeout: float) -> bool:
         """One app health probe: GET path, 2xx = healthy."""

@@ -35,6 +35,7 @@ from pillion.blocks.invoke import (
     encode_grpc_message,
 )
 from pillion.errors import direct_invoke
+from pillion.transport.dial import wait_for_port
 
 log = logging.getLogger("pillion.runtime.grpc_app")
 
@@ -416,16 +417,7 @@ class GrpcAppChannel:
 
     async def wait_ready(self, interval: float = 0.1) -> None:
         """TCP-dial the app port every `interval` until it accepts (daprd's start-up probe)."""
-        while True:
-            try:
-                _, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError:
-                await asyncio.sleep(interval)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
+        await wait_for_port(self.host, self.port, interval)
 
     async def probe(self, path: str, timeout: float) -> bool:
         """One app health probe: AppCallbackHealthCheck/HealthCheck; only OK is healthy.

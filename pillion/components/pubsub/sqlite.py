@@ -51,6 +51,7 @@ from pillion.components.pubsub.api import (
     SubscribeRequest,
     Subscription,
 )
+from pillion.components.sqlitebusy import is_busy, retry_busy
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 # SQLITE_BUSY and SQLITE_LOCKED: another connection holds the lock we need.
-_BUSY_CODES = (5, 6)
 # Queued writes committed per transaction at most, so one flush holds the loop briefly.
 _MAX_BATCH = 1000
 # Rows deleted per retention transaction.
@@ -238,11 +238,6 @@ _SQL = {
         "(SELECT 1 FROM pubsub_messages m WHERE m.id = msg_id)"
     ),
 }
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in _BUSY_CODES
 
 
 def _proc_start(pid: int | str) -> int | None:
@@ -742,7 +737,7 @@ class SQLitePubSub(PubSub):
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            if _is_busy(exc):
+            if is_busy(exc):
                 self._requeue_busy(units, exc)
             else:
                 for u in units:
@@ -841,24 +836,12 @@ class SQLitePubSub(PubSub):
         try:
             return fn()
         except sqlite3.Error as exc:
-            if not _is_busy(exc):
+            if not is_busy(exc):
                 raise PubSubError(f"sqlite read: {exc}") from exc
         return await self._retry_busy(fn, self._meta().busy_timeout, "read")
 
     async def _retry_busy(self, fn: Callable[[], T], budget: float, what: str) -> T:
-        """Call `fn` until it stops hitting another connection's lock or `budget` seconds pass."""
-        deadline = time.monotonic() + budget
-        delay = 0.001
-        while True:
-            try:
-                return fn()
-            except sqlite3.Error as exc:
-                if not _is_busy(exc):
-                    raise PubSubError(f"sqlite {what}: {exc}") from exc
-                if time.monotonic() >= deadline:
-                    raise PubSubError(f"sqlite {what} (waited {budget:g}s): {exc}") from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        return await retry_busy(fn, budget, what, PubSubError)
 
     # -- wake-ups ----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pillion.components.metadata import ComponentConfigError, ComponentInfo, Seconds, decode
+from pillion.components.sqlitebusy import is_busy, retry_busy
 from pillion.components.state.api import (
     BulkGetItem,
     Concurrency,
@@ -43,7 +44,6 @@ _CLEANUP_CHUNK = 1000
 # Writes committed per transaction at most; a few milliseconds of work.
 _MAX_BATCH = 1000
 # SQLITE_BUSY and SQLITE_LOCKED: another connection holds the lock we need.
-_BUSY_CODES = (5, 6)
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,6 @@ class SQLiteMetadata:
             raise ComponentConfigError("timeout", "must be positive")
         if self.busy_timeout < 0:
             raise ComponentConfigError("busyTimeout", "must not be negative")
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in _BUSY_CODES
 
 
 def _error(what: str, exc: sqlite3.Error) -> StateError:
@@ -232,7 +227,7 @@ class SQLiteStateStore(StateStore):
         try:
             row = conn.execute(self._sql["get"], args).fetchone()
         except sqlite3.Error as exc:
-            if not _is_busy(exc):
+            if not is_busy(exc):
                 raise _error(f"get {req.key!r}", exc) from exc
             row = await self._retry_busy(
                 lambda: conn.execute(self._sql["get"], args).fetchone(),
@@ -269,24 +264,12 @@ class SQLiteStateStore(StateStore):
         try:
             return fn()
         except sqlite3.Error as exc:
-            if not _is_busy(exc):
+            if not is_busy(exc):
                 raise _error("read", exc) from exc
         return await self._retry_busy(fn, self._meta().busy_timeout, "read")
 
     async def _retry_busy(self, fn: Callable[[], T], budget: float, what: str) -> T:
-        """Call `fn` until it stops hitting another connection's lock or `budget` seconds pass."""
-        deadline = time.monotonic() + budget
-        delay = 0.001
-        while True:
-            try:
-                return fn()
-            except sqlite3.Error as exc:
-                if not _is_busy(exc):
-                    raise _error(what, exc) from exc
-                if time.monotonic() >= deadline:
-                    raise _error(f"{what} (waited {budget:g}s)", exc) from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        return await retry_busy(fn, budget, what, StateError)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -353,7 +336,7 @@ class SQLiteStateStore(StateStore):
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            if _is_busy(exc) and not final:
+            if is_busy(exc) and not final:
                 self._requeue_busy(units, exc)
             else:
                 for u in units:
@@ -407,7 +390,7 @@ class SQLiteStateStore(StateStore):
             # In WAL mode the writer already holds every lock it needs; only a rollback journal
             # waits at COMMIT for readers to leave. Wait inline then: the transaction is open,
             # and yielding to the loop would let reads see uncommitted rows.
-            if not _is_busy(exc) or not conn.in_transaction:
+            if not is_busy(exc) or not conn.in_transaction:
                 raise
             conn.execute(f"PRAGMA busy_timeout={int(meta.busy_timeout * 1000)}")
             try:
@@ -537,7 +520,7 @@ class SQLiteStateStore(StateStore):
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            if _is_busy(exc):
+            if is_busy(exc):
                 return None
             raise _error("cleanup", exc) from exc
         try:
@@ -546,7 +529,7 @@ class SQLiteStateStore(StateStore):
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            if _is_busy(exc):
+            if is_busy(exc):
                 return None
             raise _error("cleanup", exc) from exc
         return n
