@@ -16,6 +16,9 @@ from pillion.components.state.api import (
     Feature,
     GetRequest,
     Operation,
+    Querier,
+    QueryItem,
+    QueryResponse,
     SetRequest,
     StateError,
     StateStore,
@@ -321,10 +324,11 @@ class StateBlock:
                 GrpcCode.INTERNAL,
             ) from exc
 
-    async def query(self, store: str, query: bytes, metadata: Mapping[str, str]) -> None:
-        """The state query API (alpha): no store declares QUERY_API yet."""
+    async def query(self, store: str, query: bytes, metadata: Mapping[str, str]) -> QueryResponse:
+        """The state query API (alpha) for stores that declare QUERY_API."""
         e = self.entry(store)
-        if Feature.QUERY_API not in e.store.features():
+        st = e.store
+        if Feature.QUERY_API not in st.features() or not isinstance(st, Querier):
             raise PillionError(
                 Code.STATE_STORE_NOT_SUPPORTED,
                 f"state store {store} doesn't support query",
@@ -334,13 +338,23 @@ class StateBlock:
                 resource_type="state",
                 resource_name=store,
             )
-        raise PillionError(
-            Code.STATE_QUERY,
-            f"state store {store}: querying is not implemented in this version of pillion",
-            500,
-            GrpcCode.INTERNAL,
-            reason="DAPR_STATE_QUERY_FAILED",
-        )
+        try:
+            resp = await st.query(query, metadata)
+        except (StateError, ValueError) as exc:  # InvalidQuery is a ValueError
+            raise PillionError(
+                Code.STATE_QUERY,
+                f"failed query in state store {store}: {exc}",
+                500,
+                GrpcCode.INTERNAL,
+                reason="DAPR_STATE_QUERY_FAILED",
+                resource_type="state",
+                resource_name=store,
+            ) from exc
+        # Give back the caller's keys (the part after the prefix), as Dapr does.
+        items = [
+            QueryItem(self.original_key(it.key), it.data, it.etag, it.error) for it in resp.results
+        ]
+        return QueryResponse(items, resp.token, resp.metadata)
 
     def _delete_request(self, e: StoreEntry, it: SaveItem) -> DeleteRequest:
         return DeleteRequest(

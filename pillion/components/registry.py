@@ -10,6 +10,9 @@ from typing import Any
 _REGISTRY: dict[tuple[str, str], str] = {
     ("state.in-memory", "v1"): "pillion.components.state.inmemory:InMemoryStateStore",
     ("state.sqlite", "v1"): "pillion.components.state.sqlite:SQLiteStateStore",
+    ("state.redis", "v1"): "pillion.components.state.redis:RedisStateStore",
+    ("state.postgresql", "v1"): "pillion.components.state.postgresql:PostgreSQLStateStore",
+    ("state.mysql", "v1"): "pillion.components.state.mysql:MySQLStateStore",
     ("pubsub.in-memory", "v1"): "pillion.components.pubsub.inmemory:InMemoryPubSub",
     ("pubsub.sqlite", "v1"): "pillion.components.pubsub.sqlite:SQLitePubSub",
     ("pubsub.redis", "v1"): "pillion.components.pubsub.redis:RedisPubSub",
@@ -20,6 +23,9 @@ _REGISTRY: dict[tuple[str, str], str] = {
 
 # Extra to install when a driver import fails, by type prefix.
 _EXTRAS: dict[str, str] = {
+    "state.redis": "redis",
+    "state.postgresql": "postgresql",
+    "state.mysql": "mysql",
     "pubsub.redis": "redis",
     "pubsub.rabbitmq": "rabbitmq",
     "pubsub.mqtt3": "mqtt",

@@ -38,6 +38,45 @@ class Backend:
     properties: Callable[[Path], dict[str, str]]
     # (name, host, port) that must answer before the suite runs; None for embedded stores.
     server: tuple[str, str, int] | None = None
+    # Run (with the row's properties) before init and after close: servers keep data between
+    # tests, so each test starts empty and leaves nothing behind.
+    reset: Callable[[dict[str, str]], None] | None = None
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+def _flush_redis_db(props: dict[str, str]) -> None:
+    import redis
+
+    r = redis.Redis(host="127.0.0.1", port=6379, db=int(props["redisDB"]))
+    r.flushdb()
+    r.close()
+
+
+def _drop_pg_table(props: dict[str, str]) -> None:
+    import psycopg
+
+    with psycopg.connect(props["connectionString"], autocommit=True) as c:
+        c.execute(f'DROP TABLE IF EXISTS "{props["tableName"]}"')
+        c.execute(f'DROP TABLE IF EXISTS "{props["metadataTableName"]}"')
+
+
+def _drop_mysql_table(props: dict[str, str]) -> None:
+    import pymysql
+
+    c = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", database="test")
+    try:
+        with c.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS `{props['tableName']}`")
+        c.commit()
+    finally:
+        c.close()
+
+
+_PG = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+_MYSQL = "root:@tcp(127.0.0.1:3306)/?allowNativePasswords=true"
 
 
 # One row per registered state type. Server-backed rows name their server, e.g.
@@ -45,6 +84,26 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     "state.in-memory": Backend(lambda _: {}),
     "state.sqlite": Backend(lambda tmp: {"connectionString": str(tmp / "state.db")}),
+    # DB 15 is the suite's own: flushed before and after each test.
+    "state.redis": Backend(
+        lambda _: {"redisHost": "127.0.0.1:6379", "redisDB": "15"},
+        ("redis", "127.0.0.1", 6379),
+        _flush_redis_db,
+    ),
+    "state.postgresql": Backend(
+        lambda _: {
+            "connectionString": _PG,
+            "tableName": _unique("state"),
+            "metadataTableName": _unique("state_md"),
+        },
+        ("postgresql", "127.0.0.1", 5432),
+        _drop_pg_table,
+    ),
+    "state.mysql": Backend(
+        lambda _: {"connectionString": _MYSQL, "schemaName": "test", "tableName": _unique("state")},
+        ("mariadb", "127.0.0.1", 3306),
+        _drop_mysql_table,
+    ),
 }
 
 STATE_TYPES = sorted({t for t, _ in registry.kinds() if registry.category(t) == "state"})
@@ -60,19 +119,24 @@ def store(
         pytest.fail(f"{component_type} is registered but has no row in BACKENDS")
     if backend.server is not None:
         require_server(*backend.server)
+    props = backend.properties(tmp_path)
+    if backend.reset is not None:
+        backend.reset(props)
     instance: StateStore = registry.load(component_type, "v1")()
     info = ComponentInfo(
         name="statestore",
         type=component_type,
         version="v1",
         app_id="app",
-        properties=Properties(backend.properties(tmp_path)),
+        properties=Properties(props),
     )
     aio.run(instance.init(info))
     try:
         yield instance
     finally:
         aio.run(instance.close())
+        if backend.reset is not None:
+            backend.reset(props)
 
 
 @pytest.fixture

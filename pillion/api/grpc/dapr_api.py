@@ -261,8 +261,19 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
     async def QueryStateAlpha1(
         self, request: state_pb2.QueryStateRequest, context: grpc.aio.ServicerContext
     ) -> state_pb2.QueryStateResponse:
-        await self.state.query(request.store_name, request.query.encode(), dict(request.metadata))
-        return state_pb2.QueryStateResponse()  # not reached: no store can query yet
+        resp = await self.state.query(
+            request.store_name, request.query.encode(), dict(request.metadata)
+        )
+        return state_pb2.QueryStateResponse(
+            results=[
+                state_pb2.QueryStateItem(
+                    key=it.key, data=it.data, etag=it.etag or "", error=it.error or ""
+                )
+                for it in resp.results
+            ],
+            token=resp.token,
+            metadata=dict(resp.metadata),
+        )
 
     # --- metadata / shutdown --------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from pillion.blocks.pubsub import BulkPublishEntry
 from pillion.blocks.state import SaveItem, TxOperation, parse_concurrency, parse_consistency
-from pillion.components.state.api import BulkGetItem, Concurrency, Consistency
+from pillion.components.state.api import BulkGetItem, Concurrency, Consistency, QueryResponse
 from pillion.errors import Code, GrpcCode, PillionError, malformed
 from pillion.transport.http import Response
 
@@ -208,3 +208,25 @@ def bulk_publish_response(failed: Sequence[tuple[str, str]]) -> Response:
         "errorCode": "ERR_PUBSUB_PUBLISH_MESSAGE",
     }
     return json_response(body, 500)
+
+
+def query_response(resp: QueryResponse) -> Response:
+    """`{"results": [{"key", "data", "etag"}], "token"}`; 204 when nothing matched."""
+    if not resp.results:
+        return no_content()
+    parts: list[bytes] = []
+    for it in resp.results:
+        fields = [b'"key":' + json.dumps(it.key).encode()]
+        if it.error:
+            fields.append(b'"error":' + json.dumps(it.error).encode())
+        else:
+            fields.append(b'"data":' + _raw_json(it.data))
+        if it.etag is not None:
+            fields.append(b'"etag":' + json.dumps(it.etag).encode())
+        parts.append(b"{" + b",".join(fields) + b"}")
+    body = b'{"results":[' + b",".join(parts) + b"]"
+    if resp.token:
+        body += b',"token":' + json.dumps(resp.token).encode()
+    if resp.metadata:
+        body += b',"metadata":' + json.dumps(dict(resp.metadata)).encode()
+    return Response(200, [JSON], body + b"}")

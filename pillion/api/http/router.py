@@ -224,8 +224,7 @@ class HttpApi:
         md = codec.query_metadata(q)
         if version == "v1.0-alpha1" and rest[1:] == ["query"]:
             _allow(req, "POST", "PUT")
-            await self.state.query(store, req.body, md)
-            return codec.no_content()  # not reached: no store can query yet
+            return codec.query_response(await self.state.query(store, req.body, md))
         if version != "v1.0":
             raise _not_found(req)
         if len(rest) == 1:

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from pillion.components.metadata import ComponentInfo
 
@@ -150,4 +150,38 @@ class TransactionalStore(Protocol):
 
     def max_ops(self) -> int:
         """Most operations one transaction may hold (0 = unbounded)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class QueryItem:
+    """One query result: the storage key, its stored bytes and etag (or a per-item error)."""
+
+    key: str
+    data: bytes = b""
+    etag: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResponse:
+    """A page of results; `token` continues after it ("" when the query had no page limit)."""
+
+    results: list[QueryItem]
+    token: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+class InvalidQuery(ValueError):
+    """The query document does not follow Dapr's state query language."""
+
+
+@runtime_checkable
+class Querier(Protocol):
+    """A store that answers Dapr's state query language (feature QUERY_API)."""
+
+    async def query(
+        self, q: Mapping[str, Any] | bytes | str, metadata: Mapping[str, str]
+    ) -> QueryResponse:
+        """Run `q` (the query JSON, raw or decoded); raise InvalidQuery or StateError."""
         ...
