@@ -389,8 +389,9 @@ def test_expired_lease_goes_to_another_member(tmp_path: Path) -> None:
             await b.subscribe(SubscribeRequest("t"), inbox)
             await eventually(lambda: inbox.data == [b"slow"], 5, lambda: "never redelivered")
             waited = time.monotonic() - started
-            assert 0.1 <= waited < 2, waited
-            assert inbox.messages[0].attempt == 2
+            assert 0.1 <= waited < 4, waited
+            # A's own free slots may re-lease it once more before B does: at least the 2nd try.
+            assert inbox.messages[0].attempt >= 2
             stuck.set()
         finally:
             await a.close()
