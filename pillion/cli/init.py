@@ -51,6 +51,22 @@ def _pubsub(home: Path) -> str:
     )
 
 
+def _lockstore(home: Path) -> str:
+    # Locks in one SQLite file shared by every sidecar on the host, so they exclude each other.
+    return (
+        "apiVersion: dapr.io/v1alpha1\n"
+        "kind: Component\n"
+        "metadata:\n"
+        "  name: lockstore\n"
+        "spec:\n"
+        "  type: lock.sqlite\n"
+        "  version: v1\n"
+        "  metadata:\n"
+        "  - name: connectionString\n"
+        f"    value: {_q(str(home / 'lock.db'))}\n"
+    )
+
+
 def _config(home: Path) -> str:
     # No zipkin endpoint: dapr init points at a zipkin container, and none runs here.
     return (
@@ -76,6 +92,7 @@ class DefaultFile:
 DEFAULT_FILES: tuple[DefaultFile, ...] = (
     DefaultFile(lambda h: resources_dir(h) / "statestore.yaml", _statestore),
     DefaultFile(lambda h: resources_dir(h) / "pubsub.yaml", _pubsub),
+    DefaultFile(lambda h: resources_dir(h) / "lockstore.yaml", _lockstore),
     DefaultFile(config_file, _config),
 )
 

@@ -19,6 +19,14 @@ _REGISTRY: dict[tuple[str, str], str] = {
     ("pubsub.rabbitmq", "v1"): "pillion.components.pubsub.rabbitmq:RabbitMQPubSub",
     ("pubsub.mqtt3", "v1"): "pillion.components.pubsub.mqtt3:MQTTPubSub",
     ("pubsub.jetstream", "v1"): "pillion.components.pubsub.jetstream:JetStreamPubSub",
+    ("lock.sqlite", "v1"): "pillion.components.lock.sqlite:SQLiteLockStore",
+    ("lock.redis", "v1"): "pillion.components.lock.redis:RedisLockStore",
+    ("secretstores.local.file", "v1"): (
+        "pillion.components.secretstores.local_file:LocalFileSecretStore"
+    ),
+    ("secretstores.local.env", "v1"): (
+        "pillion.components.secretstores.local_env:LocalEnvSecretStore"
+    ),
 }
 
 # Extra to install when a driver import fails, by type prefix.
@@ -30,6 +38,7 @@ _EXTRAS: dict[str, str] = {
     "pubsub.rabbitmq": "rabbitmq",
     "pubsub.mqtt3": "mqtt",
     "pubsub.jetstream": "nats",
+    "lock.redis": "redis",
 }
 
 

@@ -26,8 +26,10 @@ from pillion.blocks.invoke import (
     InvokeBlock,
     encode_grpc_message,
 )
+from pillion.blocks.lock import LockBlock
 from pillion.blocks.metadata import AppConnection, MetadataBlock
 from pillion.blocks.pubsub import PubSubBlock
+from pillion.blocks.secrets import ScopeConfigError, SecretsBlock, SecretScope, parse_scopes
 from pillion.blocks.state import StateBlock
 from pillion.components.pubsub.api import PubSubError
 from pillion.coordination.local import LocalBackend
@@ -84,10 +86,15 @@ class Sidecar:
                 env=os.environ,
             )
             api_logging = opts.enable_api_logging
+            secret_scopes: dict[str, SecretScope] = {}
             if opts.config_files:
                 config = load_configuration(opts.config_files)
                 log.info("Loaded configuration: %s", config.name or ", ".join(opts.config_files))
                 api_logging = api_logging or config.api_logging
+                try:
+                    secret_scopes = parse_scopes(config.spec)
+                except ScopeConfigError as exc:
+                    raise ManifestError(config.source, None, None, str(exc)) from exc
         except ManifestError as exc:
             log.critical("Fatal error from runtime: %s", exc)
             return 1
@@ -108,6 +115,8 @@ class Sidecar:
         # keyPrefix "namespace" falls back to the app id when NAMESPACE is unset.
         self.state = StateBlock(opts.app_id, os.environ.get("NAMESPACE", ""), {})
         self.pubsub = PubSubBlock(opts.app_id, {})
+        self.lock = LockBlock(opts.app_id, {})
+        self.secrets = SecretsBlock(opts.app_id, {}, secret_scopes)
         self.resources = resources
         meta = MetadataBlock(
             opts.app_id,
@@ -133,6 +142,8 @@ class Sidecar:
             request_shutdown=self.request_shutdown,
             api_logging=api_logging,
             pubsub=self.pubsub,
+            lock=self.lock,
+            secrets=self.secrets,
         )
         api_server = HttpServer(api, max_body_size=opts.max_body_size)
         internal_server = HttpServer(self._internal, max_body_size=opts.max_body_size)
@@ -143,6 +154,8 @@ class Sidecar:
             request_shutdown=self.request_shutdown,
             app_id=opts.app_id,
             pubsub=self.pubsub,
+            lock=self.lock,
+            secrets=self.secrets,
         )
         proxy = GrpcProxy(
             app_id=opts.app_id,
@@ -187,6 +200,8 @@ class Sidecar:
                 return 1
             self.state.stores = dict(self.loaded.state)
             self.pubsub.pubsubs = dict(self.loaded.pubsub)
+            self.lock.stores = dict(self.loaded.lock)
+            self.secrets.stores = dict(self.loaded.secretstores)
 
             await backend.start()
             await resolver.start()

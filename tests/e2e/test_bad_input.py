@@ -52,7 +52,7 @@ CASES = [
     ("DELETE", "/v1.0/metadata", None, 405, "ERR_BAD_REQUEST"),
     ("GET", "/v1.0/shutdown", None, 405, "ERR_BAD_REQUEST"),
     ("POST", "/v1.0/bindings/b", "{}", 501, "ERR_API_UNIMPLEMENTED"),
-    ("GET", "/v1.0/secrets/s/k", None, 501, "ERR_API_UNIMPLEMENTED"),
+    ("GET", "/v1.0/secrets/s/k", None, 500, "ERR_SECRET_STORES_NOT_CONFIGURED"),
     ("PUT", "/v1.0/actors/t/i/state", "[]", 501, "ERR_API_UNIMPLEMENTED"),
     ("GET", "/whatever", None, 404, "ERR_DIRECT_INVOKE"),
 ]

@@ -19,8 +19,10 @@ from dapr.proto.runtime.v1 import (
     dapr_pb2,
     dapr_pb2_grpc,
     invoke_pb2,
+    lock_pb2,
     metadata_pb2,
     pubsub_pb2,
+    secret_pb2,
     state_pb2,
 )
 from google.protobuf import any_pb2, empty_pb2
@@ -41,6 +43,7 @@ from pillion.blocks.invoke import (
     decode_grpc_message,
     response_headers,
 )
+from pillion.blocks.lock import LockBlock
 from pillion.blocks.metadata import MetadataBlock
 from pillion.blocks.pubsub import (
     BulkItem,
@@ -51,6 +54,7 @@ from pillion.blocks.pubsub import (
     deliver_each,
 )
 from pillion.blocks.routing import Routes
+from pillion.blocks.secrets import SecretsBlock
 from pillion.blocks.state import SaveItem, StateBlock, TxOperation
 from pillion.components.pubsub.api import PubSubError
 from pillion.components.state.api import Concurrency, Consistency
@@ -172,6 +176,8 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
         request_shutdown: Callable[[], None],
         app_id: str,
         pubsub: PubSubBlock | None = None,
+        lock: LockBlock | None = None,
+        secrets: SecretsBlock | None = None,
     ) -> None:
         self.state = state
         self.invoke = invoke
@@ -179,6 +185,10 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
         self.request_shutdown = request_shutdown
         self.app_id = app_id
         self.pubsub = pubsub
+        # No block means no lock stores: the block itself gives Dapr's answer for that.
+        self.lock = lock or LockBlock(app_id, {})
+        # No block means no secret stores: the block itself gives Dapr's answer for that.
+        self.secrets = secrets or SecretsBlock(app_id, {})
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -274,6 +284,42 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
             token=resp.token,
             metadata=dict(resp.metadata),
         )
+
+    # --- secrets --------------------------------------------------------------------------------
+
+    @_rpc
+    async def GetSecret(
+        self, request: secret_pb2.GetSecretRequest, context: grpc.aio.ServicerContext
+    ) -> secret_pb2.GetSecretResponse:
+        data = await self.secrets.get(request.store_name, request.key, dict(request.metadata))
+        return secret_pb2.GetSecretResponse(data=data)
+
+    @_rpc
+    async def GetBulkSecret(
+        self, request: secret_pb2.GetBulkSecretRequest, context: grpc.aio.ServicerContext
+    ) -> secret_pb2.GetBulkSecretResponse:
+        data = await self.secrets.bulk(request.store_name, dict(request.metadata))
+        return secret_pb2.GetBulkSecretResponse(
+            data={name: secret_pb2.SecretResponse(secrets=s) for name, s in data.items()}
+        )
+
+    # --- distributed lock (alpha) ----------------------------------------------------------------
+
+    @_rpc
+    async def TryLockAlpha1(
+        self, request: lock_pb2.TryLockRequest, context: grpc.aio.ServicerContext
+    ) -> lock_pb2.TryLockResponse:
+        won = await self.lock.try_lock(
+            request.store_name, request.resource_id, request.lock_owner, request.expiry_in_seconds
+        )
+        return lock_pb2.TryLockResponse(success=won)
+
+    @_rpc
+    async def UnlockAlpha1(
+        self, request: lock_pb2.UnlockRequest, context: grpc.aio.ServicerContext
+    ) -> lock_pb2.UnlockResponse:
+        status = await self.lock.unlock(request.store_name, request.resource_id, request.lock_owner)
+        return lock_pb2.UnlockResponse(status=lock_pb2.UnlockResponse.Status.ValueType(status))
 
     # --- metadata / shutdown --------------------------------------------------------------------
 
@@ -464,10 +510,8 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
 # match wins, so more specific entries come first.
 UNIMPLEMENTED_BLOCKS: tuple[tuple[str, str], ...] = (
     ("binding", "bindings"),
-    ("secret", "secrets"),
     ("actor", "actors"),
     ("configuration", "configuration"),
-    ("lock", "distributed lock"),
     ("crypt", "cryptography"),
     ("subtle", "cryptography"),
     ("workflow", "workflow"),

@@ -6,6 +6,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from dapr.proto.runtime.v1 import lock_pb2
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
 from pillion.blocks.pubsub import BulkPublishEntry
 from pillion.blocks.state import SaveItem, TxOperation, parse_concurrency, parse_consistency
 from pillion.components.state.api import BulkGetItem, Concurrency, Consistency, QueryResponse
@@ -230,3 +234,35 @@ def query_response(resp: QueryResponse) -> Response:
     if resp.metadata:
         body += b',"metadata":' + json.dumps(dict(resp.metadata)).encode()
     return Response(200, [JSON], body + b"}")
+
+
+# --- distributed lock (alpha) --------------------------------------------------------------------
+
+
+def _proto_body(body: bytes, msg: Message) -> None:
+    """Fill `msg` from a JSON body as Dapr's protojson does: unknown fields are ignored, both
+    the JSON and the proto field names are accepted, and an empty body leaves every field unset.
+    """
+    if not body:
+        return
+    try:
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        json_format.ParseDict(data, msg, ignore_unknown_fields=True)
+    except (ValueError, UnicodeDecodeError, json_format.ParseError) as exc:
+        raise malformed(f"failed deserializing HTTP body: {exc}") from exc
+
+
+def decode_try_lock(body: bytes) -> tuple[str, str, int]:
+    """`{"resourceId", "lockOwner", "expiryInSeconds"}` -> (resource id, owner, expiry)."""
+    req = lock_pb2.TryLockRequest()
+    _proto_body(body, req)
+    return req.resource_id, req.lock_owner, req.expiry_in_seconds
+
+
+def decode_unlock(body: bytes) -> tuple[str, str]:
+    """`{"resourceId", "lockOwner"}` -> (resource id, owner)."""
+    req = lock_pb2.UnlockRequest()
+    _proto_body(body, req)
+    return req.resource_id, req.lock_owner

@@ -14,8 +14,10 @@ from urllib.parse import parse_qsl, unquote
 from pillion.api.http import codec
 from pillion.blocks.health import Health
 from pillion.blocks.invoke import InvokeBlock, InvokeRequest
+from pillion.blocks.lock import LockBlock
 from pillion.blocks.metadata import MetadataBlock
 from pillion.blocks.pubsub import PubSubBlock
+from pillion.blocks.secrets import SecretsBlock
 from pillion.blocks.state import StateBlock
 from pillion.errors import Code, GrpcCode, PillionError, direct_invoke, unimplemented
 from pillion.transport.http import Request, Response
@@ -28,11 +30,8 @@ api_log = logging.getLogger("pillion.api.http.calls")
 _LATER_BLOCKS: dict[str, str] = {
     "bindings": "bindings",
     "actors": "actors",
-    "secrets": "secrets",
     "configuration": "configuration",
     "subscribe": "configuration",
-    "lock": "distributed lock",
-    "unlock": "distributed lock",
     "workflows": "workflow",
     "jobs": "jobs",
     "crypto": "cryptography",
@@ -53,6 +52,8 @@ class HttpApi:
     metadata: MetadataBlock
     request_shutdown: Callable[[], None]
     pubsub: PubSubBlock | None = None
+    lock: LockBlock | None = None
+    secrets: SecretsBlock | None = None
     api_logging: bool = False
     api_token: str | None = None
 
@@ -114,6 +115,10 @@ class HttpApi:
             return await self._state(req, version, rest)
         if block == "publish" and self.pubsub is not None:
             return await self._publish(req, version, rest)
+        if block == "secrets" and version == "v1.0":
+            return await self._secrets(req, rest)
+        if block in ("lock", "unlock"):
+            return await self._lock(req, version, block, rest)
         if block == "metadata" and version == "v1.0":
             return self._metadata(req, rest)
         if block == "shutdown" and version == "v1.0":
@@ -213,6 +218,41 @@ class HttpApi:
             **trace,
         )
         return codec.no_content()
+
+    # --- secrets ------------------------------------------------------------------------------
+
+    async def _secrets(self, req: Request, rest: list[str]) -> Response:
+        # No block means no secret stores: the block itself gives Dapr's answer for that.
+        secrets = self.secrets or SecretsBlock(self.app_id, {})
+        # /v1.0/secrets/{store}/bulk and /v1.0/secrets/{store}/{key}
+        if len(rest) < 2 or not rest[0] or not rest[1]:
+            raise _not_found(req)
+        _allow(req, "GET")
+        store = unquote(rest[0])
+        md = codec.query_metadata(_query(req))
+        if rest[1:] == ["bulk"]:
+            return codec.json_response(await secrets.bulk(store, md))
+        data = await secrets.get(store, unquote("/".join(rest[1:])), md)
+        # Dapr answers 204 when the store gave nothing back.
+        return codec.json_response(data) if data else codec.no_content()
+
+    # --- distributed lock (alpha) ---------------------------------------------------------------
+
+    async def _lock(self, req: Request, version: str, block: str, rest: list[str]) -> Response:
+        # /v1.0-alpha1/lock/{store} and /v1.0-alpha1/unlock/{store}; both answer 200 JSON.
+        if version != "v1.0-alpha1" or len(rest) != 1 or not rest[0]:
+            raise _not_found(req)
+        _allow(req, "POST")
+        # No block means no lock stores: the block itself gives Dapr's answer for that.
+        lock = self.lock or LockBlock(self.app_id, {})
+        store = unquote(rest[0])
+        if block == "lock":
+            resource_id, owner, expiry = codec.decode_try_lock(req.body)
+            won = await lock.try_lock(store, resource_id, owner, expiry)
+            return codec.json_response({"success": won})
+        resource_id, owner = codec.decode_unlock(req.body)
+        status = await lock.unlock(store, resource_id, owner)
+        return codec.json_response({"status": int(status)})
 
     # --- state --------------------------------------------------------------------------------
 

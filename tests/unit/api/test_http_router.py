@@ -413,10 +413,7 @@ def test_unknown_api_routes_are_404(target: str) -> None:
     [
         ("/v1.0/bindings/b", "bindings"),
         ("/v1.0/actors/T/1/method/m", "actors"),
-        ("/v1.0/secrets/s/k", "secrets"),
         ("/v1.0/configuration/c", "configuration"),
-        ("/v1.0-alpha1/lock/l", "distributed lock"),
-        ("/v1.0-alpha1/unlock/l", "distributed lock"),
         ("/v1.0-beta1/workflows/dapr/wf/start", "workflow"),
         ("/v1.0-alpha1/jobs/j", "jobs"),
         ("/v1.0-alpha1/crypto/c/encrypt", "cryptography"),

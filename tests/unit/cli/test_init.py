@@ -16,7 +16,13 @@ def test_writes_the_default_files(tmp_path: Path) -> None:
     store = tmp_path / "components" / "statestore.yaml"
     config = tmp_path / "config.yaml"
     pubsub = tmp_path / "components" / "pubsub.yaml"
-    assert set(result.written) == {store.resolve(), pubsub.resolve(), config.resolve()}
+    lockstore = tmp_path / "components" / "lockstore.yaml"
+    assert set(result.written) == {
+        store.resolve(),
+        pubsub.resolve(),
+        lockstore.resolve(),
+        config.resolve(),
+    }
     assert result.kept == ()
     assert is_initialised(tmp_path)
 
@@ -38,6 +44,17 @@ def test_writes_the_default_files(tmp_path: Path) -> None:
         {"name": "connectionString", "value": str(tmp_path.resolve() / "pubsub.db")}
     ]
 
+    lk = yaml.safe_load(lockstore.read_text())
+    assert (lk["kind"], lk["metadata"]["name"], lk["spec"]["type"], lk["spec"]["version"]) == (
+        "Component",
+        "lockstore",
+        "lock.sqlite",
+        "v1",
+    )
+    assert lk["spec"]["metadata"] == [
+        {"name": "connectionString", "value": str(tmp_path.resolve() / "lock.db")}
+    ]
+
     cfg = yaml.safe_load(config.read_text())
     assert cfg["kind"] == "Configuration"
     assert cfg["metadata"]["name"] == "daprConfig"
@@ -53,7 +70,11 @@ def test_idempotent_and_keeps_user_edits(tmp_path: Path) -> None:
     result = initialise(tmp_path)
     assert store.read_text() == "# mine\n"
     assert result.written == ((tmp_path / "config.yaml").resolve(),)
-    assert result.kept == (store.resolve(), (tmp_path / "components" / "pubsub.yaml").resolve())
+    assert result.kept == (
+        store.resolve(),
+        (tmp_path / "components" / "pubsub.yaml").resolve(),
+        (tmp_path / "components" / "lockstore.yaml").resolve(),
+    )
     again = initialise(tmp_path)
     assert again.written == ()
     assert len(again.kept) == len(DEFAULT_FILES)

@@ -31,6 +31,10 @@ IMPLEMENTED = {
     "BulkPublishEvent",
     "BulkPublishEventAlpha1",
     "SubscribeTopicEventsAlpha1",
+    "TryLockAlpha1",
+    "UnlockAlpha1",
+    "GetSecret",
+    "GetBulkSecret",
 }
 DAPR_SERVICE = dapr_pb2.DESCRIPTOR.services_by_name["Dapr"]
 
@@ -92,8 +96,8 @@ def test_every_other_rpc_names_its_block() -> None:
     assert set(names) >= IMPLEMENTED
     unmapped = [n for n in names if n not in IMPLEMENTED and block_of(n) is None]
     assert unmapped == []
-    assert {n: block_of(n) for n in ("UnlockAlpha1", "SearchAlpha1")} == {
-        "UnlockAlpha1": "distributed lock",
+    assert {n: block_of(n) for n in ("ScheduleJobAlpha1", "SearchAlpha1")} == {
+        "ScheduleJobAlpha1": "jobs",
         "SearchAlpha1": "search",
     }
     # The servicer answers every RPC itself (nothing falls back to the stubs' sync default).

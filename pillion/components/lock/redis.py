@@ -1,0 +1,247 @@
+"""The `lock.redis` store: Dapr's standalone Redis lock (SET NX PX, Lua compare-and-delete)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from pillion.components.lock.api import Feature, LockError, LockStore, UnlockStatus
+from pillion.components.metadata import (
+    ComponentConfigError,
+    ComponentInfo,
+    Properties,
+    Seconds,
+    decode,
+)
+from pillion.components.pubsub.redis import RedisPubSubMetadata
+
+# Dapr's unlock script (components-contrib lock/redis): -1 no such lock, -2 someone else's,
+# otherwise the number of keys DEL removed.
+UNLOCK_SCRIPT = (
+    'local v = redis.call("get",KEYS[1]); if v==false then return -1 end; '
+    'if v~=ARGV[1] then return -2 else return redis.call("del",KEYS[1]) end'
+)
+
+# Dapr reads a bare integer in these durations as milliseconds (its redis Duration type).
+_MILLIS_KEYS = frozenset(
+    k.lower()
+    for k in (
+        "dialTimeout",
+        "readTimeout",
+        "writeTimeout",
+        "poolTimeout",
+        "redisMinRetryInterval",
+        "redisMaxRetryInterval",
+        "maxRetryBackoff",
+    )
+)
+_UINT = re.compile(r"\d+")
+
+
+@dataclass(frozen=True)
+class RedisLockMetadata:
+    """Dapr's `lock.redis` metadata: its common Redis settings, standalone servers only.
+
+    `keyPrefix` belongs to the runtime and is not read here; connection-tuning names not
+    listed (maxConnAge, minIdleConns, idle*) are accepted and ignored.
+    """
+
+    redis_host: str = field(default="", metadata={"name": "redisHost"})
+    redis_port: int = field(default=0, metadata={"name": "redisPort"})
+    redis_password: str = field(default="", metadata={"name": "redisPassword"})
+    redis_username: str = field(default="", metadata={"name": "redisUsername"})
+    redis_db: int = field(default=0, metadata={"name": "redisDB"})
+    redis_type: str = field(default="node", metadata={"name": "redisType"})
+    failover: bool = field(default=False, metadata={"name": "failover"})
+    enable_tls: bool = field(default=False, metadata={"name": "enableTLS"})
+    insecure_skip_tls_verify: bool = field(
+        default=False, metadata={"name": "insecureSkipTLSVerify"}
+    )
+    client_cert: str = field(default="", metadata={"name": "clientCert"})
+    client_key: str = field(default="", metadata={"name": "clientKey"})
+    # go-redis semantics: -1 disables retries, 0 means the default of 3.
+    max_retries: int = field(
+        default=3, metadata={"name": "redisMaxRetries", "aliases": ("maxRetries",)}
+    )
+    min_retry_interval: Seconds = field(
+        default=Seconds(0.008), metadata={"name": "redisMinRetryInterval"}
+    )
+    max_retry_interval: Seconds = field(
+        default=Seconds(0.512),
+        metadata={"name": "redisMaxRetryInterval", "aliases": ("maxRetryBackoff",)},
+    )
+    dial_timeout: Seconds = field(default=Seconds(5), metadata={"name": "dialTimeout"})
+    read_timeout: Seconds = field(default=Seconds(3), metadata={"name": "readTimeout"})
+    # Accepted but unused: redis-py has one socket timeout for reads and writes (readTimeout).
+    write_timeout: Seconds | None = field(default=None, metadata={"name": "writeTimeout"})
+    pool_size: int = field(default=0, metadata={"name": "poolSize"})
+    pool_timeout: Seconds | None = field(default=None, metadata={"name": "poolTimeout"})
+
+    def validate(self) -> None:
+        self.address()
+        if self.redis_type.strip().lower() not in ("", "node"):
+            raise ComponentConfigError(
+                "redisType", f"{self.redis_type!r} is not supported; only node is"
+            )
+        if self.failover:
+            # As in Dapr: a failover to a replica could hand a lock out twice.
+            raise ComponentConfigError("failover", "is not supported by lock.redis")
+        if self.client_cert or self.client_key:
+            name = "clientCert" if self.client_cert else "clientKey"
+            raise ComponentConfigError(name, "TLS client certificates are not supported")
+        if self.redis_db < 0:
+            raise ComponentConfigError("redisDB", "must not be negative")
+        if self.max_retries < -1:
+            raise ComponentConfigError("redisMaxRetries", "must be -1 (no retries) or more")
+        if self.pool_size < 0:
+            raise ComponentConfigError("poolSize", "must not be negative")
+
+    def address(self) -> tuple[str, int]:
+        """(host, port) from `redisHost` and `redisPort`, by the rules of `pubsub.redis`."""
+        return RedisPubSubMetadata(redis_host=self.redis_host, redis_port=self.redis_port).address()
+
+    def retries(self) -> int:
+        return 3 if self.max_retries == 0 else max(self.max_retries, 0)
+
+
+def _millis_integers(props: Mapping[str, str]) -> Properties:
+    """Rewrite Dapr's bare-integer millisecond durations to "<n>ms" for the decoder."""
+    out: dict[str, str] = {}
+    for key, value in props.items():
+        v = value.strip()
+        out[key] = f"{v}ms" if key.lower() in _MILLIS_KEYS and _UINT.fullmatch(v) else value
+    return Properties(out)
+
+
+def _timeout(value: float | None) -> float | None:
+    """A socket timeout; Dapr writes a negative one for "none"."""
+    return None if value is None or value < 0 else value
+
+
+class RedisLockStore(LockStore):
+    """Locks as plain Redis keys holding the owner, as Dapr's `lock.redis` keeps them.
+
+    try_lock is `SET key owner NX PX expiry`: Redis grants it to exactly one caller and
+    expires it on its own. unlock runs Dapr's Lua script, which deletes the key only when it
+    still holds the caller's owner. Like Dapr's, the store refuses a server with replicas
+    (a failover could hand a lock out twice).
+    """
+
+    def __init__(self) -> None:
+        self.meta: RedisLockMetadata | None = None
+        # Set on every connection (CLIENT SETNAME), so operators and tests can find them.
+        self.client_name = f"pillion-lock-{uuid.uuid4().hex[:12]}"
+        self._client: aioredis.Redis | None = None
+        self._unlock: AsyncScript | None = None
+        self._where = ""
+
+    async def init(self, info: ComponentInfo) -> None:
+        meta = decode(RedisLockMetadata, _millis_integers(info.properties))
+        meta.validate()
+        host, port = meta.address()
+        self.meta, self._where = meta, f"{host}:{port}"
+        retries = meta.retries()
+        if retries:
+            retry = Retry(
+                ExponentialBackoff(
+                    cap=max(meta.max_retry_interval, 0), base=max(meta.min_retry_interval, 0)
+                ),
+                retries,
+            )
+        else:
+            retry = Retry(NoBackoff(), 0)
+        kwargs: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "db": meta.redis_db,
+            "username": meta.redis_username or None,
+            "password": meta.redis_password or None,
+            "socket_connect_timeout": _timeout(meta.dial_timeout),
+            "socket_keepalive": True,
+            "retry": retry,
+            "client_name": self.client_name,
+            "protocol": 2,
+        }
+        if meta.enable_tls:
+            kwargs["connection_class"] = aioredis.SSLConnection
+            if meta.insecure_skip_tls_verify:
+                kwargs["ssl_cert_reqs"] = "none"
+                kwargs["ssl_check_hostname"] = False
+        read_timeout = _timeout(meta.read_timeout)
+        # Dapr's defaults: 10 connections per CPU; wait up to readTimeout + 1s for one.
+        pool_timeout = _timeout(meta.pool_timeout)
+        if meta.pool_timeout is None:
+            pool_timeout = None if read_timeout is None else read_timeout + 1
+        pool = aioredis.BlockingConnectionPool(
+            max_connections=meta.pool_size or 10 * (os.cpu_count() or 1),
+            timeout=pool_timeout,
+            socket_timeout=read_timeout,
+            **kwargs,
+        )
+        client = aioredis.Redis.from_pool(pool)
+        try:
+            await client.ping()
+            replication = await client.info("replication")
+            script = client.register_script(UNLOCK_SCRIPT)
+            await client.script_load(UNLOCK_SCRIPT)
+        except (RedisError, OSError) as exc:
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+            raise LockError(f"lock.redis: cannot connect to redis at {self._where}: {exc}") from exc
+        replicas = int(replication.get("connected_slaves", 0) or 0)
+        if replicas > 0:
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+            raise LockError(
+                f"lock.redis: the server at {self._where} has {replicas} replica(s); "
+                "replication is not supported"
+            )
+        self._client, self._unlock = client, script
+
+    def features(self) -> frozenset[Feature]:
+        return frozenset()
+
+    async def close(self) -> None:
+        client, self._client, self._unlock = self._client, None, None
+        if client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+
+    async def try_lock(self, resource_id: str, lock_owner: str, expiry_seconds: int) -> bool:
+        client, _ = self._require()
+        try:
+            ok = await client.set(resource_id, lock_owner, nx=True, px=expiry_seconds * 1000)
+        except (RedisError, OSError) as exc:
+            raise LockError(f"lock.redis at {self._where}: lock {resource_id!r}: {exc}") from exc
+        return bool(ok)
+
+    async def unlock(self, resource_id: str, lock_owner: str) -> UnlockStatus:
+        client, script = self._require()
+        try:
+            reply = await script(keys=[resource_id], args=[lock_owner], client=client)
+        except (RedisError, OSError) as exc:
+            raise LockError(f"lock.redis at {self._where}: unlock {resource_id!r}: {exc}") from exc
+        n = int(reply)
+        if n >= 0:
+            return UnlockStatus.SUCCESS
+        if n == -1:
+            return UnlockStatus.LOCK_DOES_NOT_EXIST
+        if n == -2:
+            return UnlockStatus.LOCK_BELONGS_TO_OTHERS
+        return UnlockStatus.INTERNAL_ERROR
+
+    def _require(self) -> tuple[aioredis.Redis, AsyncScript]:
+        if self._client is None or self._unlock is None:
+            raise LockError("lock.redis store is not initialised or already closed")
+        return self._client, self._unlock
