@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -159,6 +159,7 @@ class PubSubBlock:
         self.pubsubs = dict(pubsubs)
         self._subs: list[tuple[SubscriptionSpec, Subscription]] = []
         self._specs: list[SubscriptionSpec] = []
+        self._internal: list[Subscription] = []
         self.attempts = DEFAULT_ATTEMPTS
         self.backoff = DEFAULT_BACKOFF
 
@@ -429,6 +430,24 @@ class PubSubBlock:
         )
         return True
 
+    async def subscribe_internal(
+        self, pubsub: str, topic: str, handler: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> None:
+        """A runtime-owned subscription (e.g. the outbox's): not the app's, not in the metadata
+        API, kept while the app is unhealthy. `handler` gets the decoded CloudEvent; raising
+        leaves the message unacknowledged (the broker redelivers it)."""
+        e = self.entry(pubsub, topic)
+
+        async def on_message(msg: Message) -> None:
+            try:
+                env = ce.decode(msg.data)
+            except ce.CloudEventError as exc:
+                log.error("message %s on topic %s is not a CloudEvent: %s", msg.id, topic, exc)
+                return
+            await handler(env)
+
+        self._internal.append(await e.component.subscribe(SubscribeRequest(topic), on_message))
+
     async def unsubscribe(self, spec: SubscriptionSpec) -> None:
         for i, (s, sub) in enumerate(self._subs):
             if s is spec:
@@ -443,7 +462,11 @@ class PubSubBlock:
         stopping = [(s, sub) for s, sub in self._subs if not app_only or s.kind != "STREAMING"]
         self._subs = [x for x in self._subs if x not in stopping]
         self._specs = [s for s, _ in self._subs]
-        await asyncio.gather(*(sub.close() for _, sub in stopping), return_exceptions=True)
+        closing = [sub for _, sub in stopping]
+        if not app_only:
+            closing += self._internal
+            self._internal = []
+        await asyncio.gather(*(sub.close() for sub in closing), return_exceptions=True)
 
     async def dead_letter(self, e: PubSubEntry, spec: SubscriptionSpec, msg: Message) -> None:
         """Forward a message to the subscription's dead-letter topic (same pubsub, same bytes)."""

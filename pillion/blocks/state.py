@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pillion.components.state.api import (
     BulkGetItem,
@@ -30,6 +31,16 @@ SEPARATOR = "||"
 
 
 @dataclass(frozen=True)
+class OutboxConfig:
+    """A store's transactional outbox (component metadata `outbox*`, dapr-api.md §2)."""
+
+    publish_pubsub: str  # outboxPublishPubsub: where the app's events go
+    publish_topic: str  # outboxPublishTopic
+    pubsub: str  # outboxPubsub: the internal topic's pubsub (default: publish_pubsub)
+    discard_when_missing_state: bool = False  # outboxDiscardWhenMissingState
+
+
+@dataclass(frozen=True)
 class StoreEntry:
     """A loaded state store as the block sees it."""
 
@@ -37,6 +48,7 @@ class StoreEntry:
     store: StateStore
     key_prefix: str = "appid"
     actor_store: bool = False
+    outbox: OutboxConfig | None = None
 
     def capabilities(self) -> list[str]:
         caps = sorted(str(f) for f in self.store.features())
@@ -98,6 +110,18 @@ def parse_consistency(value: str | None) -> Consistency:
         ) from None
 
 
+class OutboxHook(Protocol):
+    """Phase 1 of the transactional outbox (pillion.blocks.outbox.Outbox)."""
+
+    async def prepare(self, e: StoreEntry, upserts: Sequence[SaveItem]) -> str:
+        """Publish the internal message; return the marker key the transaction must write."""
+        ...
+
+    def finished(self, marker: str, committed: bool) -> None:
+        """The transaction writing `marker` is over."""
+        ...
+
+
 class StateBlock:
     """Every state API rule lives here, once, for HTTP and gRPC alike."""
 
@@ -105,6 +129,7 @@ class StateBlock:
         self.app_id = app_id
         self.namespace = namespace
         self.stores = dict(stores)
+        self.outbox: OutboxHook | None = None  # set by the runtime when a store has an outbox
 
     # --- lookup and keys ------------------------------------------------------------------------
 
@@ -314,6 +339,28 @@ class StateBlock:
                 )
         if not ops:
             return
+        if e.outbox is not None:
+            upserts = [o.item for o in operations if o.op == "upsert"]
+            if upserts:
+                if self.outbox is None:
+                    raise outbox_error(store, "the outbox is not running")
+                # Phase 1: the internal message goes out first; the marker commits with the
+                # transaction, so the event is published iff the transaction committed.
+                marker = await self.outbox.prepare(e, upserts)
+                ops.append(SetRequest(self.storage_key(e, marker), b"1"))
+                committed = False
+                try:
+                    await self._multi(st, ops, metadata)
+                    committed = True
+                finally:
+                    self.outbox.finished(marker, committed)
+                return
+        await self._multi(st, ops, metadata)
+
+    @staticmethod
+    async def _multi(
+        st: TransactionalStore, ops: list[Operation], metadata: Mapping[str, str] | None
+    ) -> None:
         try:
             await st.multi(ops, metadata or {})
         except (StateError, ValueError) as exc:
@@ -414,6 +461,18 @@ def _write_error(code: Code, prefix: str, exc: BaseException) -> PillionError:
         )
     return PillionError(
         code, f"{prefix}: {exc}", 500, GrpcCode.INTERNAL, reason=str(code), http_legacy=True
+    )
+
+
+def outbox_error(store: str, message: str) -> PillionError:
+    return PillionError(
+        Code.PUBLISH_OUTBOX,
+        f"error while publishing outbox message for state store {store}: {message}",
+        500,
+        GrpcCode.INTERNAL,
+        reason="DAPR_PUBSUB_OUTBOX",
+        resource_type="state",
+        resource_name=store,
     )
 
 

@@ -27,6 +27,17 @@ _REGISTRY: dict[tuple[str, str], str] = {
     ("secretstores.local.env", "v1"): (
         "pillion.components.secretstores.local_env:LocalEnvSecretStore"
     ),
+    ("configuration.redis", "v1"): (
+        "pillion.components.configuration.redis:RedisConfigurationStore"
+    ),
+    ("configuration.postgresql", "v1"): (
+        "pillion.components.configuration.postgresql:PostgresConfigurationStore"
+    ),
+    ("bindings.cron", "v1"): "pillion.components.bindings.cron:CronBinding",
+    ("bindings.http", "v1"): "pillion.components.bindings.http:HttpBinding",
+    ("bindings.localstorage", "v1"): (
+        "pillion.components.bindings.localstorage:LocalStorageBinding"
+    ),
 }
 
 # Extra to install when a driver import fails, by type prefix.
@@ -39,6 +50,8 @@ _EXTRAS: dict[str, str] = {
     "pubsub.mqtt3": "mqtt",
     "pubsub.jetstream": "nats",
     "lock.redis": "redis",
+    "configuration.redis": "redis",
+    "configuration.postgresql": "postgresql",
 }
 
 

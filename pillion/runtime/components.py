@@ -3,30 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from pillion.blocks.bindings import BindingEntry
 from pillion.blocks.cloudevents import TopicScopes
 from pillion.blocks.lock import IllegalKey, LockEntry, check_key_prefix
 from pillion.blocks.metadata import ComponentView
 from pillion.blocks.pubsub import PubSubEntry
-from pillion.blocks.state import StoreEntry
+from pillion.blocks.state import OutboxConfig, StoreEntry
 from pillion.components import registry
+from pillion.components.bindings.api import InputBinding, OutputBinding
+from pillion.components.configuration.api import ConfigurationStore
 from pillion.components.lock.api import LockStore
 from pillion.components.metadata import ComponentConfigError, ComponentInfo, Properties, parse_bool
 from pillion.components.pubsub.api import PubSub
 from pillion.components.secretstores.api import SecretStore, SecretStoreError
-from pillion.components.state.api import StateStore
+from pillion.components.state.api import Feature, StateStore
 from pillion.manifests.model import Component, MetadataItem
 
 log = logging.getLogger("pillion.runtime.components")
 
 DEFAULT_INIT_TIMEOUT = 5.0
+_Binding = InputBinding | OutputBinding
 # Categories whose building block exists; others are skipped with a warning until their
 # issue lands, so a Dapr components folder with e.g. a pubsub.yaml still starts.
-BUILT_CATEGORIES = frozenset({"state", "pubsub", "secretstores", "lock"})
+BUILT_CATEGORIES = frozenset(
+    {"state", "pubsub", "secretstores", "lock", "configuration", "bindings"}
+)
 
 
 class ComponentInitError(Exception):
@@ -38,9 +45,13 @@ class Loaded:
     state: dict[str, StoreEntry] = field(default_factory=dict)
     pubsub: dict[str, PubSubEntry] = field(default_factory=dict)
     secretstores: dict[str, SecretStore] = field(default_factory=dict)
+    configuration: dict[str, ConfigurationStore] = field(default_factory=dict)
     lock: dict[str, LockEntry] = field(default_factory=dict)
+    bindings: dict[str, BindingEntry] = field(default_factory=dict)
     views: list[ComponentView] = field(default_factory=list)
-    closers: list[StateStore | PubSub | SecretStore | LockStore] = field(default_factory=list)
+    closers: list[StateStore | PubSub | SecretStore | LockStore | ConfigurationStore | _Binding] = (
+        field(default_factory=list)
+    )
 
     async def close(self) -> None:
         for c in reversed(self.closers):
@@ -88,6 +99,19 @@ async def load_components(
                 out.state[comp.name] = entry
                 out.closers.append(entry.store)
                 caps = tuple(entry.capabilities())
+            elif cat == "configuration":
+                conf = await _create(
+                    comp, Properties(comp.properties(env)), app_id=app_id, namespace=namespace
+                )
+                assert isinstance(conf, ConfigurationStore)
+                out.configuration[comp.name] = conf
+                out.closers.append(conf)
+                caps = tuple(sorted(str(f) for f in conf.features()))
+            elif cat == "bindings":
+                be = await _init_binding(comp, app_id=app_id, namespace=namespace, env=env)
+                out.bindings[comp.name] = be
+                out.closers.append(be.component)
+                caps = tuple(be.capabilities())
             elif cat == "lock":
                 lk = await _init_lock(comp, app_id=app_id, namespace=namespace, env=env)
                 out.lock[comp.name] = lk
@@ -108,19 +132,42 @@ async def load_components(
         log.info("Component loaded: %s (%s/%s)", comp.name, comp.type, comp.version)
         if cat == "state" and out.state[comp.name].actor_store:
             log.info("Using '%s' as actor state store", comp.name)
+    try:
+        _check_outboxes(out)
+    except ComponentInitError:
+        await out.close()
+        raise
     return out
+
+
+def _check_outboxes(out: Loaded) -> None:
+    """Each outbox names loaded pubsubs (known only once every component is loaded)."""
+    for entry in out.state.values():
+        cfg = entry.outbox
+        if cfg is None:
+            continue
+        for key, name in (
+            ("outboxPublishPubsub", cfg.publish_pubsub),
+            ("outboxPubsub", cfg.pubsub),
+        ):
+            if name not in out.pubsub:
+                known = ", ".join(sorted(out.pubsub)) or "none is loaded"
+                raise ComponentInitError(
+                    f"state store {entry.name}: metadata {key!r}: pubsub {name!r} is not a "
+                    f"loaded pubsub component ({known})"
+                )
 
 
 async def _create(
     comp: Component, props: Properties, *, app_id: str, namespace: str
-) -> StateStore | PubSub | SecretStore | LockStore:
+) -> StateStore | PubSub | SecretStore | LockStore | ConfigurationStore | _Binding:
     """Import, construct and init one component within its initTimeout."""
     where = f"component {comp.name} ({comp.type}/{comp.version}) from {comp.source}"
     try:
         cls = registry.load(comp.type, comp.version)
     except registry.UnknownComponentError as exc:
         raise ComponentInitError(f"{where}: {exc}") from exc
-    instance: StateStore | PubSub | SecretStore | LockStore = cls()
+    instance: StateStore | PubSub | SecretStore | LockStore | ConfigurationStore | _Binding = cls()
     info = ComponentInfo(comp.name, comp.type, comp.version, app_id, props, namespace)
     timeout = comp.init_timeout or DEFAULT_INIT_TIMEOUT
     try:
@@ -157,9 +204,36 @@ async def _init_state(
     except ComponentConfigError as exc:
         where = f"component {comp.name} ({comp.type}/{comp.version}) from {comp.source}"
         raise ComponentInitError(f"{where}: {exc}") from exc
+    outbox = _outbox_config(comp, props)
     store = await _create(comp, props, app_id=app_id, namespace=namespace)
     assert isinstance(store, StateStore)
-    return StoreEntry(comp.name, store, props.get("keyPrefix", "appid") or "appid", actor)
+    if outbox is not None and Feature.TRANSACTIONAL not in store.features():
+        await store.close()
+        where = f"component {comp.name} ({comp.type}/{comp.version}) from {comp.source}"
+        raise ComponentInitError(f"{where}: the outbox needs a transactional state store")
+    return StoreEntry(comp.name, store, props.get("keyPrefix", "appid") or "appid", actor, outbox)
+
+
+def _outbox_config(comp: Component, props: Properties) -> OutboxConfig | None:
+    """The `outbox*` metadata of a state store; None when `outboxPublishPubsub` is unset."""
+    where = f"component {comp.name} ({comp.type}/{comp.version}) from {comp.source}"
+    publish_pubsub = props.get("outboxPublishPubsub", "")
+    if not publish_pubsub:
+        return None
+    topic = props.get("outboxPublishTopic", "")
+    if not topic:
+        raise ComponentInitError(
+            f"{where}: metadata 'outboxPublishTopic' is required with 'outboxPublishPubsub'"
+        )
+    try:
+        discard = parse_bool(
+            "outboxDiscardWhenMissingState", props.get("outboxDiscardWhenMissingState", "false")
+        )
+    except ComponentConfigError as exc:
+        raise ComponentInitError(f"{where}: {exc}") from exc
+    return OutboxConfig(
+        publish_pubsub, topic, props.get("outboxPubsub", "") or publish_pubsub, discard
+    )
 
 
 async def _init_lock(
@@ -175,6 +249,31 @@ async def _init_lock(
     store = await _create(comp, props, app_id=app_id, namespace=namespace)
     assert isinstance(store, LockStore)
     return LockEntry(comp.name, store, prefix)
+
+
+async def _init_binding(
+    comp: Component, *, app_id: str, namespace: str, env: Mapping[str, str]
+) -> BindingEntry:
+    props = Properties(comp.properties(env))
+    where = f"component {comp.name} ({comp.type}/{comp.version}) from {comp.source}"
+    binding = await _create(comp, props, app_id=app_id, namespace=namespace)
+    assert isinstance(binding, InputBinding | OutputBinding)
+    is_in, is_out = isinstance(binding, InputBinding), isinstance(binding, OutputBinding)
+    direction = props.get("direction", "")
+    if direction.strip():
+        wanted = {d.strip().lower() for d in direction.split(",") if d.strip()}
+        bad = wanted - {"input", "output"}
+        missing = [d for d in sorted(wanted - bad) if not (is_in if d == "input" else is_out)]
+        if bad or missing:
+            with contextlib.suppress(Exception):
+                await binding.close()
+            what = ", ".join(sorted(bad)) or f"{', '.join(missing)} (not supported by the type)"
+            raise ComponentInitError(
+                f"{where}: metadata 'direction': invalid direction {what}; use input, output "
+                'or "input, output"'
+            )
+        is_in, is_out = "input" in wanted, "output" in wanted
+    return BindingEntry(comp.name, binding, is_in, is_out, props.get("route", ""))
 
 
 async def _resolve_secret_refs(comp: Component, stores: Mapping[str, SecretStore]) -> Component:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
 import sys
 import time
+from urllib.parse import quote
 
 import grpc
 
@@ -19,6 +21,9 @@ from pillion.api.grpc.proxy import GrpcProxy
 from pillion.api.grpc.server import start_grpc_server
 from pillion.api.http import codec
 from pillion.api.http.router import HttpApi
+from pillion.blocks.bindings import BindingsBlock
+from pillion.blocks.configuration import AppSink as ConfigUpdateSink
+from pillion.blocks.configuration import ConfigurationBlock
 from pillion.blocks.health import Health
 from pillion.blocks.invoke import (
     GRPC_MESSAGE_HEADER,
@@ -28,9 +33,11 @@ from pillion.blocks.invoke import (
 )
 from pillion.blocks.lock import LockBlock
 from pillion.blocks.metadata import AppConnection, MetadataBlock
+from pillion.blocks.outbox import Outbox
 from pillion.blocks.pubsub import PubSubBlock
 from pillion.blocks.secrets import ScopeConfigError, SecretsBlock, SecretScope, parse_scopes
 from pillion.blocks.state import StateBlock
+from pillion.components.configuration.api import ConfigurationItem
 from pillion.components.pubsub.api import PubSubError
 from pillion.coordination.local import LocalBackend
 from pillion.coordination.names import NameResolver, register
@@ -38,6 +45,7 @@ from pillion.errors import GRPC_NUMBERS, PillionError
 from pillion.home import pillion_home, registry_file
 from pillion.manifests.loader import ManifestError, load_configuration, load_resources
 from pillion.runtime import logs
+from pillion.runtime.bindings import GrpcBindingDeliverer, HttpBindingDeliverer
 from pillion.runtime.channels import HttpAppChannel, SidecarLink
 from pillion.runtime.components import ComponentInitError, Loaded, load_components
 from pillion.runtime.grpc_app import GrpcAppChannel
@@ -117,6 +125,10 @@ class Sidecar:
         self.pubsub = PubSubBlock(opts.app_id, {})
         self.lock = LockBlock(opts.app_id, {})
         self.secrets = SecretsBlock(opts.app_id, {}, secret_scopes)
+        self.bindings = BindingsBlock(opts.app_id, {})
+        self.configuration = ConfigurationBlock(
+            opts.app_id, {}, _config_sink(app) if isinstance(app, HttpAppChannel) else None
+        )
         self.resources = resources
         meta = MetadataBlock(
             opts.app_id,
@@ -144,6 +156,8 @@ class Sidecar:
             pubsub=self.pubsub,
             lock=self.lock,
             secrets=self.secrets,
+            bindings=self.bindings,
+            configuration=self.configuration,
         )
         api_server = HttpServer(api, max_body_size=opts.max_body_size)
         internal_server = HttpServer(self._internal, max_body_size=opts.max_body_size)
@@ -156,6 +170,8 @@ class Sidecar:
             pubsub=self.pubsub,
             lock=self.lock,
             secrets=self.secrets,
+            bindings=self.bindings,
+            configuration=self.configuration,
         )
         proxy = GrpcProxy(
             app_id=opts.app_id,
@@ -200,8 +216,15 @@ class Sidecar:
                 return 1
             self.state.stores = dict(self.loaded.state)
             self.pubsub.pubsubs = dict(self.loaded.pubsub)
+            try:  # the transactional outboxes' internal subscriptions (not the app's)
+                await Outbox(self.state, self.pubsub).start()
+            except (PillionError, PubSubError) as exc:
+                log.critical("Fatal error from runtime: outbox: %s", exc)
+                return 1
             self.lock.stores = dict(self.loaded.lock)
             self.secrets.stores = dict(self.loaded.secretstores)
+            self.bindings.bindings = dict(self.loaded.bindings)
+            self.configuration.stores = dict(self.loaded.configuration)
 
             await backend.start()
             await resolver.start()
@@ -228,6 +251,7 @@ class Sidecar:
             # Stop consuming first: in-flight deliveries finish while the app is still up, and
             # what was not acknowledged stays with the broker.
             await self.pubsub.stop()
+            await self.bindings.stop()
             api_server.stop_accepting()
             internal_server.stop_accepting()
             grace = opts.graceful_shutdown_seconds
@@ -252,6 +276,8 @@ class Sidecar:
                 await grpc_server.stop(0)
             await proxy.close()
             await self.pubsub.stop()
+            await self.bindings.stop()
+            await self.configuration.close()
             await self.loaded.close()
             await resolver.close()
             await backend.close()
@@ -285,6 +311,7 @@ class Sidecar:
             if isinstance(app, GrpcAppChannel):
                 await app.get_channel()
             await self._start_subscriptions(app)
+            await self._start_bindings(app)
             log.info("Application discovered on port %d", opts.app_port)
             if opts.enable_app_health_check:
                 self._tasks.append(asyncio.create_task(self._probe_app(app)))
@@ -316,6 +343,15 @@ class Sidecar:
             except PubSubError as exc:
                 log.error("subscription to %s/%s failed: %s", spec.pubsub, spec.topic, exc)
 
+    async def _start_bindings(self, app: AppChannel) -> None:
+        """Input bindings the app takes start reading once it is reachable (§4.2)."""
+        if not any(b.input for b in self.bindings.bindings.values()):
+            return
+        if isinstance(app, GrpcAppChannel):
+            await self.bindings.start_inputs(GrpcBindingDeliverer(app))
+        else:
+            await self.bindings.start_inputs(HttpBindingDeliverer(app))
+
     async def _probe_app(self, app: AppChannel) -> None:
         opts = self.opts
         failures = 0
@@ -338,6 +374,33 @@ class Sidecar:
 
 
 AppChannel = HttpAppChannel | GrpcAppChannel
+
+
+def _config_sink(app: HttpAppChannel) -> ConfigUpdateSink:
+    """POST each changed key to the app at /configuration/{store}/{key} (dapr-api.md §7)."""
+
+    async def sink(store: str, sub_id: str, items: dict[str, ConfigurationItem]) -> None:
+        for key, item in items.items():
+            body = json.dumps(
+                {
+                    "id": sub_id,
+                    "items": {
+                        key: {
+                            "value": item.value,
+                            "version": item.version,
+                            "metadata": item.metadata,
+                        }
+                    },
+                }
+            ).encode()
+            target = f"/configuration/{quote(store, safe='')}/{quote(key, safe='')}".encode()
+            r = await app.invoke("POST", target, [(b"content-type", b"application/json")], body)
+            if r.status != 200:
+                log.warning(
+                    "configuration update %s for key %s: the app answered %d", sub_id, key, r.status
+                )
+
+    return sink
 
 
 def _app_channel(opts: SidecarOptions, app_token: str | None) -> AppChannel:

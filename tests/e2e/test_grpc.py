@@ -91,7 +91,7 @@ def test_sdk_grpc_errors(client: DaprClient) -> None:
         client.save_state("statestore", "a||b", "x")
     assert ei.value.error_code() == "DAPR_STATE_ILLEGAL_KEY"
     with pytest.raises(grpc.RpcError) as rpc_err:
-        client.get_configuration("configstore", ["k"])
+        client.get_job("nojob")
     assert rpc_err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     with pytest.raises(DaprGrpcError) as ei:
         client.publish_event("pubsub", "topic", b"{}")  # no pubsub component in these resources

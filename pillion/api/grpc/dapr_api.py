@@ -16,6 +16,8 @@ import grpc
 from dapr.proto.common.v1 import common_pb2
 from dapr.proto.runtime.v1 import (
     appcallback_pb2,
+    binding_pb2,
+    configuration_pb2,
     dapr_pb2,
     dapr_pb2_grpc,
     invoke_pb2,
@@ -30,6 +32,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 from pillion.api.grpc.errors import abort, make_status, status_code
 from pillion.blocks import cloudevents as ce
+from pillion.blocks.bindings import BindingsBlock
+from pillion.blocks.configuration import ConfigurationBlock
 from pillion.blocks.invoke import (
     ANY_TYPE_HEADER,
     GRPC_DETAILS_HEADER,
@@ -178,6 +182,8 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
         pubsub: PubSubBlock | None = None,
         lock: LockBlock | None = None,
         secrets: SecretsBlock | None = None,
+        bindings: BindingsBlock | None = None,
+        configuration: ConfigurationBlock | None = None,
     ) -> None:
         self.state = state
         self.invoke = invoke
@@ -189,6 +195,10 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
         self.lock = lock or LockBlock(app_id, {})
         # No block means no secret stores: the block itself gives Dapr's answer for that.
         self.secrets = secrets or SecretsBlock(app_id, {})
+        # No block means no bindings: the block itself gives Dapr's answer for that.
+        self.bindings = bindings or BindingsBlock(app_id, {})
+        # No block means no configuration stores: the block gives Dapr's answer for that.
+        self.configuration = configuration or ConfigurationBlock(app_id, {})
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -302,6 +312,87 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
         return secret_pb2.GetBulkSecretResponse(
             data={name: secret_pb2.SecretResponse(secrets=s) for name, s in data.items()}
         )
+
+    # --- configuration ----------------------------------------------------------------------------
+
+    @_rpc
+    async def GetConfiguration(
+        self,
+        request: configuration_pb2.GetConfigurationRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> configuration_pb2.GetConfigurationResponse:
+        items = await self.configuration.get(
+            request.store_name, list(request.keys), dict(request.metadata)
+        )
+        return configuration_pb2.GetConfigurationResponse(
+            items={
+                k: common_pb2.ConfigurationItem(
+                    value=i.value, version=i.version, metadata=i.metadata
+                )
+                for k, i in items.items()
+            }
+        )
+
+    GetConfigurationAlpha1 = GetConfiguration
+
+    @_rpc
+    async def SubscribeConfiguration(
+        self,
+        request: configuration_pb2.SubscribeConfigurationRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """First message: the id alone (the SDK waits for it); then one per change batch."""
+        sub_id, updates = await self.configuration.subscribe(
+            request.store_name, list(request.keys), dict(request.metadata)
+        )
+        try:
+            await context.write(configuration_pb2.SubscribeConfigurationResponse(id=sub_id))
+            async for batch in updates:
+                await context.write(
+                    configuration_pb2.SubscribeConfigurationResponse(
+                        id=sub_id,
+                        items={
+                            k: common_pb2.ConfigurationItem(
+                                value=i.value, version=i.version, metadata=i.metadata
+                            )
+                            for k, i in batch.items()
+                        },
+                    )
+                )
+        finally:
+            # Ending the stream unsubscribes, as in Dapr.
+            await asyncio.shield(self.configuration.unsubscribe(sub_id))
+
+    SubscribeConfigurationAlpha1 = SubscribeConfiguration
+
+    @_rpc
+    async def UnsubscribeConfiguration(
+        self,
+        request: configuration_pb2.UnsubscribeConfigurationRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> configuration_pb2.UnsubscribeConfigurationResponse:
+        if await self.configuration.unsubscribe(request.id, request.store_name or None):
+            return configuration_pb2.UnsubscribeConfigurationResponse(ok=True)
+        return configuration_pb2.UnsubscribeConfigurationResponse(
+            ok=False, message=f"subscription with id {request.id} does not exist"
+        )
+
+    UnsubscribeConfigurationAlpha1 = UnsubscribeConfiguration
+
+    # --- bindings -------------------------------------------------------------------------------
+
+    @_rpc
+    async def InvokeBinding(
+        self, request: binding_pb2.InvokeBindingRequest, context: grpc.aio.ServicerContext
+    ) -> binding_pb2.InvokeBindingResponse:
+        md = dict(request.metadata)
+        traceparent, tracestate = _trace_context(context.invocation_metadata() or ())
+        if traceparent:
+            md.setdefault("traceparent", traceparent)
+        if tracestate:
+            md.setdefault("tracestate", tracestate)
+        resp = await self.bindings.invoke(request.name, request.operation, request.data, md)
+        return binding_pb2.InvokeBindingResponse(data=resp.data, metadata=resp.metadata)
 
     # --- distributed lock (alpha) ----------------------------------------------------------------
 
@@ -509,9 +600,7 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
 # Substring of the lowercased RPC name -> the block named in the UNIMPLEMENTED message; the first
 # match wins, so more specific entries come first.
 UNIMPLEMENTED_BLOCKS: tuple[tuple[str, str], ...] = (
-    ("binding", "bindings"),
     ("actor", "actors"),
-    ("configuration", "configuration"),
     ("crypt", "cryptography"),
     ("subtle", "cryptography"),
     ("workflow", "workflow"),

@@ -266,3 +266,19 @@ def decode_unlock(body: bytes) -> tuple[str, str]:
     req = lock_pb2.UnlockRequest()
     _proto_body(body, req)
     return req.resource_id, req.lock_owner
+
+
+def decode_binding(body: bytes) -> tuple[bytes, dict[str, str], str]:
+    """`{"data", "metadata", "operation"}` -> (data as compact JSON, metadata, operation).
+
+    As in Dapr, `data` is JSON-marshalled for the component: a JSON string keeps its quotes.
+    """
+    obj = _load(body, "binding request")
+    if not isinstance(obj, dict):
+        raise malformed("failed to parse JSON request body: expected an object")
+    data = obj.get("data")
+    raw = b"" if data is None else encode_value(data)
+    op = obj.get("operation")
+    if op is not None and not isinstance(op, str):
+        raise malformed('"operation" must be a string')
+    return raw, _str_map(obj.get("metadata"), "metadata"), op or ""

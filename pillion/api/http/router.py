@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote
 
 from pillion.api.http import codec
+from pillion.blocks.bindings import BindingsBlock
+from pillion.blocks.configuration import ConfigurationBlock
 from pillion.blocks.health import Health
 from pillion.blocks.invoke import InvokeBlock, InvokeRequest
 from pillion.blocks.lock import LockBlock
@@ -28,10 +30,7 @@ api_log = logging.getLogger("pillion.api.http.calls")
 # Building blocks whose routes exist in Dapr but not yet here: answer 501 naming the block
 # rather than falling through to service invocation.
 _LATER_BLOCKS: dict[str, str] = {
-    "bindings": "bindings",
     "actors": "actors",
-    "configuration": "configuration",
-    "subscribe": "configuration",
     "workflows": "workflow",
     "jobs": "jobs",
     "crypto": "cryptography",
@@ -54,6 +53,8 @@ class HttpApi:
     pubsub: PubSubBlock | None = None
     lock: LockBlock | None = None
     secrets: SecretsBlock | None = None
+    bindings: BindingsBlock | None = None
+    configuration: ConfigurationBlock | None = None
     api_logging: bool = False
     api_token: str | None = None
 
@@ -115,8 +116,12 @@ class HttpApi:
             return await self._state(req, version, rest)
         if block == "publish" and self.pubsub is not None:
             return await self._publish(req, version, rest)
+        if block == "bindings" and version == "v1.0":
+            return await self._bindings(req, rest)
         if block == "secrets" and version == "v1.0":
             return await self._secrets(req, rest)
+        if block == "configuration" and version in ("v1.0", "v1.0-alpha1"):
+            return await self._configuration(req, rest)
         if block in ("lock", "unlock"):
             return await self._lock(req, version, block, rest)
         if block == "metadata" and version == "v1.0":
@@ -219,6 +224,24 @@ class HttpApi:
         )
         return codec.no_content()
 
+    # --- bindings -----------------------------------------------------------------------------
+
+    async def _bindings(self, req: Request, rest: list[str]) -> Response:
+        # /v1.0/bindings/{name}; no block means no bindings: the block gives Dapr's answer.
+        if len(rest) != 1 or not rest[0]:
+            raise _not_found(req)
+        _allow(req, "POST", "PUT")
+        bindings = self.bindings or BindingsBlock(self.app_id, {})
+        data, md, operation = codec.decode_binding(req.body)
+        md = {**md, **{k: v for k, v in _trace_headers(req).items() if v}}
+        resp = await bindings.invoke(unquote(rest[0]), operation, data, md)
+        headers = [(b"metadata." + k.encode(), v.encode()) for k, v in resp.metadata.items()]
+        if not resp.data:
+            return Response(204, headers, b"")
+        if not any(k.lower() == "content-type" for k in resp.metadata):
+            headers.append((b"content-type", b"application/json"))
+        return Response(200, headers, resp.data)
+
     # --- secrets ------------------------------------------------------------------------------
 
     async def _secrets(self, req: Request, rest: list[str]) -> Response:
@@ -235,6 +258,43 @@ class HttpApi:
         data = await secrets.get(store, unquote("/".join(rest[1:])), md)
         # Dapr answers 204 when the store gave nothing back.
         return codec.json_response(data) if data else codec.no_content()
+
+    # --- configuration --------------------------------------------------------------------------
+
+    async def _configuration(self, req: Request, rest: list[str]) -> Response:
+        # /configuration/{store}, /{store}/subscribe and /{store}/{id}/unsubscribe, all GET.
+        if not rest or not rest[0] or len(rest) > 3:
+            raise _not_found(req)
+        _allow(req, "GET")
+        # No block means no configuration stores: the block itself gives Dapr's answer.
+        conf = self.configuration or ConfigurationBlock(self.app_id, {})
+        store = unquote(rest[0])
+        if len(rest) == 3:
+            if rest[2] != "unsubscribe" or not rest[1]:
+                raise _not_found(req)
+            sub_id = unquote(rest[1])
+            if await conf.unsubscribe(sub_id, store):
+                return codec.json_response({"ok": True})
+            return codec.json_response(
+                {"ok": False, "message": f"subscription with id {sub_id} does not exist"}, 500
+            )
+        pairs = parse_qsl(req.query.decode("latin-1"), keep_blank_values=True) if req.query else []
+        keys = [v for k, v in pairs if k == "key"]
+        md = codec.query_metadata(_query(req))
+        if len(rest) == 2:
+            if rest[1] != "subscribe":
+                raise _not_found(req)
+            sub_id = await conf.subscribe_app(store, keys, md)
+            return codec.json_response({"id": sub_id})
+        items = await conf.get(store, keys, md)
+        if not items:
+            return codec.no_content()
+        return codec.json_response(
+            {
+                k: {"value": i.value, "version": i.version, "metadata": i.metadata}
+                for k, i in items.items()
+            }
+        )
 
     # --- distributed lock (alpha) ---------------------------------------------------------------
 

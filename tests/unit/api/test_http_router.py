@@ -411,9 +411,7 @@ def test_unknown_api_routes_are_404(target: str) -> None:
 @pytest.mark.parametrize(
     ("target", "block"),
     [
-        ("/v1.0/bindings/b", "bindings"),
         ("/v1.0/actors/T/1/method/m", "actors"),
-        ("/v1.0/configuration/c", "configuration"),
         ("/v1.0-beta1/workflows/dapr/wf/start", "workflow"),
         ("/v1.0-alpha1/jobs/j", "jobs"),
         ("/v1.0-alpha1/crypto/c/encrypt", "cryptography"),
@@ -430,6 +428,16 @@ def test_later_blocks_are_501(target: str, block: str) -> None:
         f"the {block} API is not implemented in this version of pillion",
     )
     assert r.app.calls == [] and r.link.calls == []
+
+
+def test_configuration_without_stores_is_500() -> None:
+    for target in ("/v1.0/configuration/c?key=a", "/v1.0-alpha1/configuration/c/subscribe"):
+        assert_error(
+            rig()("GET", target),
+            500,
+            "ERR_CONFIGURATION_STORE_NOT_CONFIGURED",
+            "configuration stores not configured",
+        )
 
 
 @pytest.mark.parametrize("target", ["/", "/orders/1", "/v2.0/state/s", "/v1.0", "/v1.0/nope"])

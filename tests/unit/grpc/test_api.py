@@ -35,6 +35,13 @@ IMPLEMENTED = {
     "UnlockAlpha1",
     "GetSecret",
     "GetBulkSecret",
+    "InvokeBinding",
+    "GetConfiguration",
+    "GetConfigurationAlpha1",
+    "SubscribeConfiguration",
+    "SubscribeConfigurationAlpha1",
+    "UnsubscribeConfiguration",
+    "UnsubscribeConfigurationAlpha1",
 }
 DAPR_SERVICE = dapr_pb2.DESCRIPTOR.services_by_name["Dapr"]
 
@@ -129,7 +136,7 @@ def test_every_unimplemented_rpc_answers_promptly(sidecar: GrpcSidecar) -> None:
     for name, (code, details) in results.items():
         assert code == grpc.StatusCode.UNIMPLEMENTED, name
         assert details == f"the {block_of(name)} API is not implemented in this version of pillion"
-    assert results["SubscribeConfigurationAlpha1"][1].startswith("the configuration API")
+    assert results["GetJobAlpha1"][1].startswith("the jobs API")
     assert results["ScheduleJobAlpha1"][1].startswith("the jobs API")
 
 

@@ -1,0 +1,122 @@
+"""The bindings building block: output binding invocation and input event delivery to the app."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from pillion.components.bindings.api import (
+    BindingError,
+    BindingResponse,
+    InputBinding,
+    InputHandler,
+    OutputBinding,
+)
+from pillion.errors import Code, GrpcCode, PillionError
+
+log = logging.getLogger("pillion.blocks.bindings")
+
+
+@dataclass
+class BindingEntry:
+    """One loaded binding component and the directions it serves."""
+
+    name: str
+    component: InputBinding | OutputBinding
+    input: bool
+    output: bool
+    route: str = ""
+
+    def capabilities(self) -> list[str]:
+        """What `GET /v1.0/metadata` lists for it, as daprd does."""
+        caps = []
+        if self.input:
+            caps.append("INPUT_BINDING")
+        if self.output:
+            caps.append("OUTPUT_BINDING")
+        return caps
+
+
+class BindingDeliverer(Protocol):
+    """The app side of input bindings, implemented by the runtime for HTTP and gRPC apps."""
+
+    async def accepts(self, entry: BindingEntry) -> bool:
+        """Whether the app takes events of this binding (OPTIONS probe / ListInputBindings)."""
+
+    async def deliver(self, entry: BindingEntry, data: bytes, metadata: Mapping[str, str]) -> bytes:
+        """Hand one event to the app; raise when the app did not accept it."""
+
+
+class BindingsBlock:
+    """Every bindings API rule lives here, once, for HTTP and gRPC alike."""
+
+    def __init__(self, app_id: str, bindings: Mapping[str, BindingEntry]) -> None:
+        self.app_id = app_id
+        self.bindings = dict(bindings)
+        self._reading: list[InputBinding] = []
+
+    async def invoke(
+        self, name: str, operation: str, data: bytes, metadata: Mapping[str, str]
+    ) -> BindingResponse:
+        entry = self.bindings.get(name)
+        if entry is None or not entry.output or not isinstance(entry.component, OutputBinding):
+            raise _invoke_error(name, f"couldn't find output binding {name}")
+        comp = entry.component
+        ops = comp.operations()
+        if operation not in ops:
+            raise _invoke_error(
+                name,
+                f"binding {name} does not support operation {operation}. "
+                f"supported operations:{' '.join(ops)}",
+            )
+        try:
+            return await comp.invoke(operation, data, metadata)
+        except (BindingError, ValueError, OSError) as exc:
+            raise _invoke_error(name, str(exc)) from exc
+
+    async def start_inputs(self, deliverer: BindingDeliverer) -> list[str]:
+        """Start reading every input binding the app takes; the names started."""
+        started: list[str] = []
+        for entry in self.bindings.values():
+            comp = entry.component
+            if not entry.input or not isinstance(comp, InputBinding) or comp in self._reading:
+                continue
+            try:
+                if not await deliverer.accepts(entry):
+                    log.info("app does not take events of input binding %s", entry.name)
+                    continue
+                await comp.read(_handler(deliverer, entry))
+            except Exception as exc:
+                log.error("input binding %s could not start: %s", entry.name, exc)
+                continue
+            self._reading.append(comp)
+            started.append(entry.name)
+            log.info("input binding %s is reading", entry.name)
+        return started
+
+    async def stop(self) -> None:
+        """Stop every input binding started; the components close again harmlessly later."""
+        reading, self._reading = self._reading, []
+        for comp in reading:
+            try:
+                await comp.close()
+            except Exception:
+                log.exception("error stopping an input binding")
+
+
+def _handler(deliverer: BindingDeliverer, entry: BindingEntry) -> InputHandler:
+    async def handle(data: bytes, metadata: Mapping[str, str]) -> bytes:
+        return await deliverer.deliver(entry, data, metadata)
+
+    return handle
+
+
+def _invoke_error(name: str, detail: str) -> PillionError:
+    return PillionError(
+        Code.INVOKE_OUTPUT_BINDING,
+        f"error invoking output binding {name}: {detail}",
+        500,
+        GrpcCode.INTERNAL,
+    )

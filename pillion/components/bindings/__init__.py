@@ -1,0 +1,1 @@
+"""Binding components: output bindings the app invokes and input bindings that call the app."""
