@@ -38,6 +38,7 @@ from google.protobuf import any_pb2
 ECHO_SERVICE = "pillion.bench.Echo"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
 GET_STATE = "/dapr.proto.runtime.v1.Dapr/GetState"
+SAVE_STATE = "/dapr.proto.runtime.v1.Dapr/SaveState"
 INVOKE_SERVICE = "/dapr.proto.runtime.v1.Dapr/InvokeService"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -149,6 +150,11 @@ async def _check(channel: grpc.aio.Channel, args: argparse.Namespace) -> tuple[s
         if got.data != args.expect.encode():
             raise SystemExit(f"GetState answered {got!r}, expected {args.expect!r}")
         return GET_STATE, req.SerializeToString(), got.SerializeToString()
+    if args.mode == "savestate":
+        item = common_pb2.StateItem(key=args.key, value=args.expect.encode() or payload)
+        save = state_pb2.SaveStateRequest(store_name=args.store, states=[item])
+        done = await stub.SaveState(save, timeout=5)
+        return SAVE_STATE, save.SerializeToString(), done.SerializeToString()
     req = invoke_pb2.InvokeServiceRequest(
         id=args.app_id,
         message=common_pb2.InvokeRequest(method="echo", data=any_pb2.Any(value=payload)),
@@ -240,7 +246,9 @@ def main() -> None:
     fp.add_argument("target")
     lp = sub.add_parser("load")
     lp.add_argument("--target", required=True, help="host:port")
-    lp.add_argument("--mode", choices=("echo", "getstate", "invoke", "proxy"), required=True)
+    lp.add_argument(
+        "--mode", choices=("echo", "getstate", "savestate", "invoke", "proxy"), required=True
+    )
     lp.add_argument("--app-id", default="")
     lp.add_argument("--store", default="statestore")
     lp.add_argument("--key", default="")

@@ -142,7 +142,7 @@ def direct_sqlite(seconds: float, path: Path) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-def grpc_getstate(port: int, store: str, seconds: int) -> float:
+def grpc_state(port: int, store: str, seconds: int, mode: str = "getstate") -> float:
     argv = [
         sys.executable,
         "-P",
@@ -151,7 +151,7 @@ def grpc_getstate(port: int, store: str, seconds: int) -> float:
         "--target",
         f"127.0.0.1:{port}",
         "--mode",
-        "getstate",
+        mode,
         "--store",
         store,
         "--key",
@@ -227,7 +227,8 @@ def main() -> int:
             rows[store] = {
                 "http_get": get.rps,
                 "http_save": save_rate,
-                "grpc_get": grpc_getstate(sc.grpc_port, store, s),
+                "grpc_get": grpc_state(sc.grpc_port, store, s),
+                "grpc_save": grpc_state(sc.grpc_port, store, s, "savestate"),
             }
     finally:
         sc.proc.stop()
@@ -255,13 +256,14 @@ def main() -> int:
     )
     print(f"\nstate throughput (ops/s), {CONC} concurrent, {s}s each")
     print(
-        f"{'store':8} {'HTTP GET':>10} {'HTTP SAVE':>10} {'gRPC GET':>10} {'direct GET':>11} "
-        f"{'direct SAVE':>12}"
+        f"{'store':8} {'HTTP GET':>10} {'HTTP SAVE':>10} {'gRPC GET':>10} {'gRPC SAVE':>10} "
+        f"{'direct GET':>11} {'direct SAVE':>12}"
     )
     for store, r in rows.items():
         print(
             f"{store:8} {r['http_get']:10.0f} {r['http_save']:10.0f} {r['grpc_get']:10.0f} "
-            f"{r.get('direct_get', float('nan')):11.0f} {r.get('direct_save', float('nan')):12.0f}"
+            f"{r['grpc_save']:10.0f} {r.get('direct_get', float('nan')):11.0f} "
+            f"{r.get('direct_save', float('nan')):12.0f}"
         )
     sq, rd = rows["sqlite"], rows["redis"]
     ratio_get = rd["http_get"] / rd["direct_get"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def stream(name: str, proc: subprocess.Popen[str], lines: list[str]) -> None:
@@ -27,7 +35,8 @@ def main() -> int:
     # A fresh home per run, so the summary's counts are this run's.
     env.setdefault("PILLION_HOME", tempfile.mkdtemp(prefix="pillion-demo-"))
     print(
-        f"pillion demo: home {env['PILLION_HOME']} (embedded default: SQLite state, local registry)"
+        f"pillion demo: home {env['PILLION_HOME']} "
+        "(embedded default: SQLite state, pub/sub and locks, local registry)"
     )
     subprocess.run([PY, "-m", "pillion", "init"], env=env, check=True)
 
@@ -41,7 +50,7 @@ def main() -> int:
             "--app-id",
             "order-processor",
             "--app-port",
-            "7601",
+            str(free_port()),
             "--",
             PY,
             str(HERE / "order-processor" / "app.py"),
@@ -54,7 +63,7 @@ def main() -> int:
     threading.Thread(
         target=stream, args=("order-processor", server, server_lines), daemon=True
     ).start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while not any("You're up and running" in ln for ln in server_lines):
         if server.poll() is not None or time.monotonic() > deadline:
             print("order-processor did not start", file=sys.stderr)
@@ -83,7 +92,7 @@ def main() -> int:
     reader = threading.Thread(target=stream, args=("checkout", client, client_lines), daemon=True)
     reader.start()
     try:
-        client_rc = client.wait(60)
+        client_rc = client.wait(120)
     except subprocess.TimeoutExpired:
         client.kill()
         client_rc = -1

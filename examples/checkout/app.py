@@ -30,7 +30,7 @@ with DaprClient() as client:
             "pubsub", "shipments", json.dumps({"id": i}), data_content_type="application/json"
         )
     print(f"published {len(ITEMS)} shipment events", flush=True)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         shipped = client.invoke_method("order-processor", "stats", data=b"", http_verb="GET")
         if shipped.json()["shipped"] >= len(ITEMS):

@@ -38,6 +38,10 @@ _REGISTRY: dict[tuple[str, str], str] = {
     ("bindings.localstorage", "v1"): (
         "pillion.components.bindings.localstorage:LocalStorageBinding"
     ),
+    ("bindings.redis", "v1"): "pillion.components.bindings.redis:RedisBinding",
+    ("bindings.postgresql", "v1"): "pillion.components.bindings.postgresql:PostgreSQLBinding",
+    ("bindings.rabbitmq", "v1"): "pillion.components.bindings.rabbitmq:RabbitMQBinding",
+    ("bindings.mqtt3", "v1"): "pillion.components.bindings.mqtt3:MQTTBinding",
 }
 
 # Extra to install when a driver import fails, by type prefix.
@@ -52,6 +56,10 @@ _EXTRAS: dict[str, str] = {
     "lock.redis": "redis",
     "configuration.redis": "redis",
     "configuration.postgresql": "postgresql",
+    "bindings.redis": "redis",
+    "bindings.postgresql": "postgresql",
+    "bindings.rabbitmq": "rabbitmq",
+    "bindings.mqtt3": "mqtt",
 }
 
 

@@ -28,6 +28,9 @@ from pillion.manifests.model import Component, MetadataItem
 log = logging.getLogger("pillion.runtime.components")
 
 DEFAULT_INIT_TIMEOUT = 5.0
+# Backoff between init attempts of a component that is not ready (seconds).
+INIT_RETRY_START = 0.5
+INIT_RETRY_MAX = 5.0
 _Binding = InputBinding | OutputBinding
 # Categories whose building block exists; others are skipped with a warning until their
 # issue lands, so a Dapr components folder with e.g. a pubsub.yaml still starts.
@@ -161,24 +164,77 @@ def _check_outboxes(out: Loaded) -> None:
 async def _create(
     comp: Component, props: Properties, *, app_id: str, namespace: str
 ) -> StateStore | PubSub | SecretStore | LockStore | ConfigurationStore | _Binding:
-    """Import, construct and init one component within its initTimeout."""
+    """Import, construct and init one component within its initTimeout.
+
+    As Dapr's `DaprBuiltInInitializationRetries`: an init that fails for any reason but its
+    configuration (a server not up yet, say) is retried with exponential backoff
+    (INIT_RETRY_START, x2, capped at INIT_RETRY_MAX) until the initTimeout runs out; a
+    ComponentConfigError fails at once.
+    """
     where = f"component {comp.name} ({comp.type}/{comp.version}) from {comp.source}"
     try:
         cls = registry.load(comp.type, comp.version)
     except registry.UnknownComponentError as exc:
         raise ComponentInitError(f"{where}: {exc}") from exc
-    instance: StateStore | PubSub | SecretStore | LockStore | ConfigurationStore | _Binding = cls()
     info = ComponentInfo(comp.name, comp.type, comp.version, app_id, props, namespace)
     timeout = comp.init_timeout or DEFAULT_INIT_TIMEOUT
-    try:
-        await asyncio.wait_for(instance.init(info), timeout)
-    except TimeoutError as exc:
-        raise ComponentInitError(f"{where}: init timed out after {timeout:g}s") from exc
-    except ComponentConfigError as exc:
-        raise ComponentInitError(f"{where}: {exc}") from exc
-    except Exception as exc:
-        raise ComponentInitError(f"{where}: init failed: {exc}") from exc
-    return instance
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = INIT_RETRY_START
+    attempts = 0
+    last: Exception | None = None
+    while True:
+        attempts += 1
+        instance: StateStore | PubSub | SecretStore | LockStore | ConfigurationStore | _Binding
+        instance = cls()
+        remaining = deadline - loop.time()
+        try:
+            async with asyncio.timeout(max(remaining, 0.0)) as cm:
+                await instance.init(info)
+            return instance
+        except ComponentConfigError as exc:
+            await _discard(instance)
+            raise ComponentInitError(f"{where}: {exc}") from exc
+        except Exception as exc:
+            await _discard(instance)
+            if cm.expired():
+                if last is None:
+                    raise ComponentInitError(f"{where}: init timed out after {timeout:g}s") from exc
+                raise ComponentInitError(
+                    f"{where}: not ready after {timeout:g}s ({attempts} attempts): "
+                    f"{_describe(last)}"
+                ) from last
+            last = exc
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise ComponentInitError(
+                f"{where}: not ready after {timeout:g}s ({attempts} attempts): {_describe(last)}"
+            ) from last
+        wait = min(delay, remaining)
+        log.warning(
+            "component %s (%s/%s) not ready: %s; retrying in %gs",
+            comp.name,
+            comp.type,
+            comp.version,
+            _describe(last),
+            round(wait, 2),
+        )
+        await asyncio.sleep(wait)
+        delay = min(delay * 2, INIT_RETRY_MAX)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an init error; the type when the message is empty."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+async def _discard(
+    instance: StateStore | PubSub | SecretStore | LockStore | ConfigurationStore | _Binding,
+) -> None:
+    """Release whatever a failed init opened, best effort and briefly."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(instance.close(), 1.0)
 
 
 async def _init_pubsub(

@@ -47,7 +47,15 @@ async def _echo_server() -> tuple[web.AppRunner, str]:
 
 
 def test_every_type_is_covered() -> None:
-    assert set(TYPES) >= {"bindings.cron", "bindings.http", "bindings.localstorage"}
+    assert set(TYPES) == {
+        "bindings.cron",
+        "bindings.http",
+        "bindings.localstorage",
+        "bindings.mqtt3",
+        "bindings.postgresql",
+        "bindings.rabbitmq",
+        "bindings.redis",
+    }
     for t in TYPES:
         cls = registry.load(t)
         assert issubclass(cls, InputBinding | OutputBinding)
@@ -128,3 +136,129 @@ async def test_cron_rejects_bad_schedule(aio: asyncio.Runner) -> None:
         b = registry.load("bindings.cron")()
         with pytest.raises(ComponentConfigError):
             await b.init(_info("bindings.cron", props))
+
+
+async def _round_trip(kind: str, props: Mapping[str, str]) -> None:
+    """Output `create` -> input handler, with one handler failure that must be redelivered."""
+    out, inp = registry.load(kind)(), registry.load(kind)()
+    got: list[bytes] = []
+    failed: list[bytes] = []
+
+    async def handler(data: bytes, md: Mapping[str, str]) -> bytes:
+        if not failed:
+            failed.append(data)
+            raise RuntimeError("app refused")
+        got.append(data)
+        return b""
+
+    try:
+        await out.init(_info(kind, props))
+        await inp.init(_info(kind, props))
+        assert "create" in out.operations()
+        await inp.read(handler)
+        await out.invoke("create", b'{"n":1}', {})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not got and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        assert failed == [b'{"n":1}'] and got == [b'{"n":1}']
+    finally:
+        await inp.close()
+        await out.close()
+
+
+async def test_rabbitmq_round_trip(aio: asyncio.Runner) -> None:
+    import uuid
+
+    import aio_pika
+
+    from tests.conformance.conftest import require_server
+
+    require_server("rabbitmq", "127.0.0.1", 5672)
+    assert "bindings.rabbitmq" in TYPES
+    url, queue = "amqp://guest:guest@127.0.0.1:5672/", f"pillion-conf-{uuid.uuid4().hex[:10]}"
+    try:
+        await _round_trip("bindings.rabbitmq", {"host": url, "queueName": queue})
+    finally:
+        async with await aio_pika.connect(url) as conn:
+            await (await conn.channel()).queue_delete(queue)
+
+
+async def test_mqtt3_round_trip(aio: asyncio.Runner) -> None:
+    import uuid
+
+    from tests.conformance.conftest import require_server
+
+    require_server("mosquitto", "127.0.0.1", 1883)
+    assert "bindings.mqtt3" in TYPES
+    u = uuid.uuid4().hex[:10]
+    props = {
+        "url": "tcp://127.0.0.1:1883",
+        "topic": f"pillion-conf/{u}",
+        "consumerID": f"conf-{u}",
+        "backOffInitialInterval": "100ms",
+        # A clean session: the broker keeps nothing for this consumer after the test.
+        "cleanSession": "true",
+    }
+    await _round_trip("bindings.mqtt3", props)
+
+
+async def test_redis(aio: asyncio.Runner) -> None:
+    import uuid
+
+    from tests.conformance.conftest import require_server
+
+    require_server("redis", "127.0.0.1", 6379)
+    b = registry.load("bindings.redis")()
+    await b.init(_info("bindings.redis", {"redisHost": "127.0.0.1:6379", "redisDB": "15"}))
+    key = f"conf-binding-{uuid.uuid4().hex}"
+    try:
+        assert set(b.operations()) == {"create", "get", "delete", "increment"}
+        await b.invoke("create", b'{"a":1}', {"key": key})
+        assert (await b.invoke("get", b"", {"key": key})).data == b'{"a":1}'
+        await b.invoke("delete", b"", {"key": key})
+        assert (await b.invoke("get", b"", {"key": key})).data == b""
+        await b.invoke("increment", b"", {"key": key})
+        await b.invoke("increment", b"", {"key": key})
+        assert (await b.invoke("get", b"", {"key": key})).data == b"2"
+        with pytest.raises(BindingError):
+            await b.invoke("get", b"", {})
+    finally:
+        await b.invoke("delete", b"", {"key": key})
+        await b.close()
+
+
+async def test_postgresql(aio: asyncio.Runner) -> None:
+    import uuid
+
+    from tests.conformance.conftest import require_server
+
+    require_server("postgresql", "127.0.0.1", 5432)
+    b = registry.load("bindings.postgresql")()
+    conn = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+    await b.init(_info("bindings.postgresql", {"connectionString": conn}))
+    table = f"conf_binding_{uuid.uuid4().hex[:12]}"
+    try:
+        assert set(b.operations()) == {"exec", "query", "close"}
+        await b.invoke("exec", b"", {"sql": f"CREATE TABLE {table} (id int, name text)"})
+        r = await b.invoke(
+            "exec",
+            b"",
+            {"sql": f"INSERT INTO {table} VALUES ($1, $2), ($3, $4)", "params": '[1,"a",2,"b"]'},
+        )
+        assert r.metadata["rows-affected"] == "2"
+        assert r.metadata["operation"] == "exec"
+        for k in ("start-time", "end-time", "duration"):
+            assert r.metadata[k]
+        r = await b.invoke(
+            "query",
+            b"",
+            {"sql": f"SELECT id, name FROM {table} WHERE id > $1 ORDER BY id", "params": "[0]"},
+        )
+        assert json.loads(r.data) == [[1, "a"], [2, "b"]]
+        with pytest.raises(BindingError):
+            await b.invoke("query", b"", {})
+    finally:
+        await b.invoke("exec", b"", {"sql": f"DROP TABLE IF EXISTS {table}"})
+        await b.invoke("close", b"", {})
+        await b.close()

@@ -51,7 +51,13 @@ def test_metadata(pair: Pair) -> None:
     comps = {c["name"]: c for c in md["components"]}
     assert comps["statestore"]["type"] == "state.sqlite"
     assert comps["statestore"]["version"] == "v1"
-    assert set(comps["statestore"]["capabilities"]) == {"ETAG", "TRANSACTIONAL", "TTL", "ACTOR"}
+    assert set(comps["statestore"]["capabilities"]) == {
+        "ETAG",
+        "TRANSACTIONAL",
+        "TTL",
+        "QUERY_API",
+        "ACTOR",
+    }
     assert "ACTOR" not in comps["memstore"]["capabilities"]
     conn = md["appConnectionProperties"]
     assert conn["protocol"] == "http" and conn["channelAddress"] == "127.0.0.1"

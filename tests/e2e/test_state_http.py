@@ -166,7 +166,7 @@ def test_errors(pair: Pair) -> None:
         assert r.json()["errorCode"] == "ERR_MALFORMED_REQUEST", body
     r = call(p, "POST", "/v1.0/state/statestore/bulk", body="[]")
     assert r.status == 400 and r.json()["errorCode"] == "ERR_MALFORMED_REQUEST"
-    r = call(p, "POST", "/v1.0-alpha1/state/statestore/query", body="{}")
+    r = call(p, "POST", "/v1.0-alpha1/state/memstore/query", body="{}")
     assert r.status == 500 and r.json()["errorCode"] == "ERR_STATE_STORE_NOT_SUPPORTED"
     r = call(p, "POST", "/v1.0-alpha1/jobs/x", body="{}")
     assert r.status == 501 and r.json()["errorCode"] == "ERR_API_UNIMPLEMENTED"

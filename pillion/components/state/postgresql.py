@@ -33,7 +33,6 @@ from pillion.components.state.api import (
     Feature,
     GetRequest,
     GetResponse,
-    InvalidQuery,
     Operation,
     QueryItem,
     QueryResponse,
@@ -41,6 +40,7 @@ from pillion.components.state.api import (
     StateError,
     StateStore,
 )
+from pillion.components.state.query import Filter, In, Logical, SortKey, parse_query
 from pillion.components.state.ttl import expiry_metadata, parse_ttl
 from pillion.durations import parse_duration
 
@@ -354,96 +354,35 @@ _COMPARISONS = {"EQ": "=", "NEQ": "<>", "GT": ">", "GTE": ">=", "LT": "<", "LTE"
 
 
 class _QueryBuilder:
-    """Translates the query language to SQL over the row's JSON document, all values as params."""
+    """Translates a parsed query to SQL over the row's JSON document, all values as params."""
 
     def __init__(self) -> None:
         self.params: list[Any] = []
 
-    def path(self, key: Any) -> str:
-        if not isinstance(key, str) or not key or any(p == "" for p in key.split(".")):
-            raise InvalidQuery(f"invalid field path {key!r}")
-        self.params.append(key.split("."))
+    def path(self, path: tuple[str, ...]) -> str:
+        self.params.append(list(path))
         return "(doc #> %s::text[])"
 
     def value(self, v: Any) -> str:
-        try:
-            self.params.append(json.dumps(v, allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise InvalidQuery(f"invalid filter value {v!r}") from exc
+        self.params.append(json.dumps(v, allow_nan=False))
         return "%s::jsonb"
 
-    def filter(self, f: Any) -> str:
-        if not isinstance(f, Mapping) or len(f) != 1:
-            raise InvalidQuery(f"a filter must be an object with exactly one operator, got {f!r}")
-        op, arg = next(iter(f.items()))
-        if op in ("AND", "OR"):
-            if not isinstance(arg, list) or not arg:
-                raise InvalidQuery(f"{op} needs a non-empty array of filters")
-            return "(" + f" {op} ".join(self.filter(x) for x in arg) + ")"
-        if op not in _COMPARISONS and op != "IN":
-            raise InvalidQuery(
-                f"unsupported filter operator {op!r} (EQ, NEQ, GT, GTE, LT, LTE, IN, AND, OR)"
-            )
-        if not isinstance(arg, Mapping) or len(arg) != 1:
-            raise InvalidQuery(f"{op} needs an object with exactly one field")
-        key, v = next(iter(arg.items()))
-        if op == "IN":
-            if not isinstance(v, list) or not v:
-                raise InvalidQuery(f"IN on {key!r} needs a non-empty array of values")
-            path = self.path(key)
-            try:
-                self.params.append([json.dumps(x, allow_nan=False) for x in v])
-            except (TypeError, ValueError) as exc:
-                raise InvalidQuery(f"invalid IN values {v!r}") from exc
+    def filter(self, f: Filter) -> str:
+        if isinstance(f, Logical):
+            return "(" + f" {f.op} ".join(self.filter(x) for x in f.filters) + ")"
+        if isinstance(f, In):
+            path = self.path(f.path)
+            self.params.append([json.dumps(x, allow_nan=False) for x in f.values])
             return f"{path} = ANY(%s::jsonb[])"
-        if op in ("EQ", "NEQ"):
-            path = self.path(key)
-            return f"{path} {_COMPARISONS[op]} {self.value(v)}"
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise InvalidQuery(f"{op} on {key!r} needs a number, got {v!r}")
+        if f.op in ("EQ", "NEQ"):
+            path = self.path(f.path)
+            return f"{path} {_COMPARISONS[f.op]} {self.value(f.value)}"
         # jsonb orders values of different types by type; compare numbers with numbers only.
-        typed = f"jsonb_typeof({self.path(key)}) = 'number'"
-        return f"({typed} AND {self.path(key)} {_COMPARISONS[op]} {self.value(v)})"
+        typed = f"jsonb_typeof({self.path(f.path)}) = 'number'"
+        return f"({typed} AND {self.path(f.path)} {_COMPARISONS[f.op]} {self.value(f.value)})"
 
-    def sort(self, items: Any) -> str:
-        if not isinstance(items, list):
-            raise InvalidQuery("sort must be an array")
-        out = []
-        for s in items:
-            if not isinstance(s, Mapping):
-                raise InvalidQuery(f"invalid sort item {s!r}")
-            order = s.get("order") or "ASC"
-            if not isinstance(order, str) or order.upper() not in ("ASC", "DESC"):
-                raise InvalidQuery(f"sort order must be ASC or DESC, got {order!r}")
-            out.append(f"{self.path(s.get('key'))} {order.upper()}")
-        return ", ".join(out)
-
-
-def _page(page: Any) -> tuple[int, int]:
-    if page is None:
-        return 0, 0
-    if not isinstance(page, Mapping):
-        raise InvalidQuery("page must be an object")
-    limit = page.get("limit", 0)
-    if limit is None:
-        limit = 0
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise InvalidQuery(f"page limit must be a non-negative integer, got {limit!r}")
-    token = page.get("token") or ""
-    if not isinstance(token, str) or (token and not (token.isascii() and token.isdigit())):
-        raise InvalidQuery(f"invalid page token {token!r}")
-    return limit, int(token) if token else 0
-
-
-def _load_query(q: Mapping[str, Any] | bytes | str) -> Mapping[str, Any]:
-    if isinstance(q, bytes | str):
-        try:
-            q = json.loads(q)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidQuery(f"query is not valid JSON: {exc}") from exc
-    if not isinstance(q, Mapping):
-        raise InvalidQuery("query must be a JSON object")
-    return q
+    def sort(self, items: tuple[SortKey, ...]) -> str:
+        return ", ".join(f"{self.path(s.path)} {'DESC' if s.descending else 'ASC'}" for s in items)
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -819,13 +758,13 @@ class PostgreSQLStateStore(StateStore):
         uses jsonb's order, then the key; the page token is the offset of the next page.
         Values that are not JSON never match and are never returned.
         """
-        spec = _load_query(q)
+        query = parse_query(q)
         b = _QueryBuilder()
         where = "doc IS NOT NULL"
-        if spec.get("filter"):
-            where += " AND " + b.filter(spec["filter"])
-        order = b.sort(spec.get("sort") or [])
-        limit, offset = _page(spec.get("page"))
+        if query.filter is not None:
+            where += " AND " + b.filter(query.filter)
+        order = b.sort(query.sort)
+        limit, offset = query.limit, query.offset
         t = self._statements().table
         text = (
             f"SELECT key, {_DATA}, isbinary, etag FROM ("
@@ -849,8 +788,7 @@ class PostgreSQLStateStore(StateStore):
                 results.append(QueryItem(key, decode_value(data, isbinary), etag))
             except StateError as exc:
                 results.append(QueryItem(key, etag=etag, error=str(exc)))
-        token = str(offset + len(results)) if limit else ""
-        return QueryResponse(results, token)
+        return QueryResponse(results, query.next_token(len(results)))
 
     # -- expiry ------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import re
 import sqlite3
@@ -23,18 +24,22 @@ from pillion.components.state.api import (
     Feature,
     GetRequest,
     GetResponse,
+    InvalidQuery,
     Operation,
+    QueryItem,
+    QueryResponse,
     SetRequest,
     StateError,
     StateStore,
 )
+from pillion.components.state.query import Compare, Filter, In, Logical, SortKey, parse_query
 from pillion.components.state.ttl import RandomETags, expiry_metadata, parse_ttl
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_FEATURES = frozenset({Feature.ETAG, Feature.TRANSACTIONAL, Feature.TTL})
+_FEATURES = frozenset({Feature.ETAG, Feature.TRANSACTIONAL, Feature.TTL, Feature.QUERY_API})
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SCHEMA_VERSION = 1
 # Keys per `IN (...)` of a bulk get: under the 999-variable limit of older SQLite builds.
@@ -270,6 +275,43 @@ class SQLiteStateStore(StateStore):
 
     async def _retry_busy(self, fn: Callable[[], T], budget: float, what: str) -> T:
         return await retry_busy(fn, budget, what, StateError)
+
+    # -- query -------------------------------------------------------------------------------
+
+    async def query(
+        self, q: Mapping[str, Any] | bytes | str, metadata: Mapping[str, str]
+    ) -> QueryResponse:
+        """Dapr's state query language over the JSON values of live rows.
+
+        Filters compare typed JSON (`{"EQ": {"n": 5}}` matches 5 and 5.0, not "5"); sorting
+        orders by JSON type as PostgreSQL's jsonb does, then by value, then by key; the page
+        token is the offset of the next page. Values that are not JSON are never returned.
+        """
+        query = parse_query(q)
+        where = _QuerySQL()
+        cond = where.filter(query.filter) if query.filter is not None else "1"
+        order = _QuerySQL()
+        sort = order.sort(query.sort)
+        t = f'"{self._meta().table_name}"'
+        # The subquery names the row's JSON text; NULL (matching nothing) unless it is valid
+        # JSON without NUL bytes, so json_extract never sees anything else.
+        text = (
+            f"SELECT key, value, etag FROM (SELECT key, value, etag, CASE WHEN "
+            "instr(value, x'00') = 0 AND json_valid(CAST(value AS TEXT)) "
+            f"THEN CAST(value AS TEXT) END AS doc FROM {t} "
+            "WHERE expiration_time IS NULL OR expiration_time > ?) "
+            f"WHERE doc IS NOT NULL AND {cond} ORDER BY {sort}key LIMIT ? OFFSET ?"
+        )
+        params = (
+            time.time(),
+            *where.params,
+            *order.params,
+            query.limit or -1,
+            query.offset,
+        )
+        rows = await self._read(functools.partial(self._fetchall, text, params))
+        results = [QueryItem(key, bytes(value), etag) for key, value, etag in rows]
+        return QueryResponse(results, query.next_token(len(results)))
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -553,6 +595,87 @@ def _settle(u: _Unit, outcome: BaseException | None) -> None:
         u.future.set_result(None)
     else:
         u.future.set_exception(outcome)
+
+
+# json_type's names for numbers, and the rank of each JSON type in PostgreSQL's jsonb order.
+_NUMBER = "('integer', 'real')"
+_TYPE_RANK = (
+    "CASE json_type(doc, ?) WHEN 'null' THEN 0 WHEN 'text' THEN 1 WHEN 'integer' THEN 2 "
+    "WHEN 'real' THEN 2 WHEN 'false' THEN 3 WHEN 'true' THEN 3 WHEN 'array' THEN 4 "
+    "WHEN 'object' THEN 5 ELSE 6 END"
+)
+_SQL_OPS = {"EQ": "=", "NEQ": "<>", "GT": ">", "GTE": ">=", "LT": "<", "LTE": "<="}
+_INT64 = range(-(2**63), 2**63)
+
+
+def json_path(path: tuple[str, ...]) -> str:
+    """SQLite's JSON path for validated segments: digit-only ones index arrays, others are keys.
+
+    The path is always bound as a parameter; a quote in a segment could still end its label
+    early (SQLite has no escape there), so such segments are refused.
+    """
+    out = ["$"]
+    for seg in path:
+        if seg.isascii() and seg.isdigit() and len(seg) <= 9:
+            out.append(f"[{int(seg)}]")
+        elif '"' in seg:
+            raise InvalidQuery(f"state.sqlite cannot query a field name containing '\"': {seg!r}")
+        else:
+            out.append(f'."{seg}"')
+    return "".join(out)
+
+
+class _QuerySQL:
+    """Translates a parsed query to SQL over `doc` (the row's JSON text); all values are params."""
+
+    def __init__(self) -> None:
+        self.params: list[Any] = []
+
+    def _p(self, *values: Any) -> None:
+        self.params.extend(values)
+
+    def equal(self, path: str, v: Any) -> str:
+        """True when the value at `path` is the JSON value `v`, False otherwise (never NULL)."""
+        if v is None or isinstance(v, bool):
+            self._p(path)
+            return f"json_type(doc, ?) = '{'null' if v is None else str(v).lower()}'"
+        if isinstance(v, str):
+            self._p(path, path, v)
+            return "(json_type(doc, ?) = 'text' AND json_extract(doc, ?) = ?)"
+        if isinstance(v, int | float):
+            self._p(path, path, v if not isinstance(v, int) or v in _INT64 else float(v))
+            return f"(json_type(doc, ?) IN {_NUMBER} AND json_extract(doc, ?) = ?)"
+        # Objects and arrays compare as minified JSON text (so key order matters).
+        self._p(path, path, json.dumps(v, separators=(",", ":"), ensure_ascii=False))
+        return "(json_type(doc, ?) IN ('object', 'array') AND json_extract(doc, ?) = json(?))"
+
+    def filter(self, f: Filter) -> str:
+        if isinstance(f, Logical):
+            return "(" + f" {f.op} ".join(self.filter(x) for x in f.filters) + ")"
+        path = json_path(f.path)
+        if isinstance(f, In):
+            return "(" + " OR ".join(self.equal(path, v) for v in f.values) + ")"
+        return self.compare(f, path)
+
+    def compare(self, f: Compare, path: str) -> str:
+        if f.op == "EQ":
+            return self.equal(path, f.value)
+        if f.op == "NEQ":
+            self._p(path)
+            return f"(json_type(doc, ?) IS NOT NULL AND NOT {self.equal(path, f.value)})"
+        v = f.value
+        self._p(path, path, v if not isinstance(v, int) or v in _INT64 else float(v))
+        return f"(json_type(doc, ?) IN {_NUMBER} AND json_extract(doc, ?) {_SQL_OPS[f.op]} ?)"
+
+    def sort(self, items: tuple[SortKey, ...]) -> str:
+        """ORDER BY terms, each followed by ", " (the key comes last)."""
+        out = []
+        for s in items:
+            path = json_path(s.path)
+            d = "DESC" if s.descending else "ASC"
+            self._p(path, path)
+            out.append(f"{_TYPE_RANK} {d}, json_extract(doc, ?) {d}, ")
+        return "".join(out)
 
 
 def _statements(table: str, meta_table: str) -> dict[str, str]:
