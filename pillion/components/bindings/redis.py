@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import RedisError
 
 from pillion.components.bindings.api import BindingError, BindingResponse, OutputBinding
-from pillion.components.lock.redis import RedisLockMetadata, _millis_integers, _timeout
+from pillion.components.lock.redis import RedisLockMetadata, _millis_integers
 from pillion.components.metadata import ComponentConfigError, ComponentInfo, decode
+from pillion.components.redisconn import redis_client
 
 # Dapr's ttlInSeconds request metadata (metadata.TryGetTTL): a positive integer of seconds.
 TTL_KEY = "ttlInSeconds"
@@ -79,45 +76,7 @@ class RedisBinding(OutputBinding):
         meta.validate()
         host, port = meta.address()
         self.meta, self._where = meta, f"{host}:{port}"
-        retries = meta.retries()
-        if retries:
-            retry = Retry(
-                ExponentialBackoff(
-                    cap=max(meta.max_retry_interval, 0), base=max(meta.min_retry_interval, 0)
-                ),
-                retries,
-            )
-        else:
-            retry = Retry(NoBackoff(), 0)
-        kwargs: dict[str, Any] = {
-            "host": host,
-            "port": port,
-            "db": meta.redis_db,
-            "username": meta.redis_username or None,
-            "password": meta.redis_password or None,
-            "socket_connect_timeout": _timeout(meta.dial_timeout),
-            "socket_keepalive": True,
-            "retry": retry,
-            "client_name": self.client_name,
-            "protocol": 2,
-        }
-        if meta.enable_tls:
-            kwargs["connection_class"] = aioredis.SSLConnection
-            if meta.insecure_skip_tls_verify:
-                kwargs["ssl_cert_reqs"] = "none"
-                kwargs["ssl_check_hostname"] = False
-        read_timeout = _timeout(meta.read_timeout)
-        # Dapr's defaults: 10 connections per CPU; wait up to readTimeout + 1s for one.
-        pool_timeout = _timeout(meta.pool_timeout)
-        if meta.pool_timeout is None:
-            pool_timeout = None if read_timeout is None else read_timeout + 1
-        pool = aioredis.BlockingConnectionPool(
-            max_connections=meta.pool_size or 10 * (os.cpu_count() or 1),
-            timeout=pool_timeout,
-            socket_timeout=read_timeout,
-            **kwargs,
-        )
-        client = aioredis.Redis.from_pool(pool)
+        client = redis_client(meta, self.client_name)
         try:
             await client.ping()
         except (RedisError, OSError) as exc:

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -25,6 +21,7 @@ from pillion.components.metadata import (
     decode,
 )
 from pillion.components.pubsub.redis import RedisPubSubMetadata
+from pillion.components.redisconn import redis_client
 
 # Dapr's unlock script (components-contrib lock/redis): -1 no such lock, -2 someone else's,
 # otherwise the number of keys DEL removed.
@@ -124,11 +121,6 @@ def _millis_integers(props: Mapping[str, str]) -> Properties:
     return Properties(out)
 
 
-def _timeout(value: float | None) -> float | None:
-    """A socket timeout; Dapr writes a negative one for "none"."""
-    return None if value is None or value < 0 else value
-
-
 class RedisLockStore(LockStore):
     """Locks as plain Redis keys holding the owner, as Dapr's `lock.redis` keeps them.
 
@@ -151,45 +143,7 @@ class RedisLockStore(LockStore):
         meta.validate()
         host, port = meta.address()
         self.meta, self._where = meta, f"{host}:{port}"
-        retries = meta.retries()
-        if retries:
-            retry = Retry(
-                ExponentialBackoff(
-                    cap=max(meta.max_retry_interval, 0), base=max(meta.min_retry_interval, 0)
-                ),
-                retries,
-            )
-        else:
-            retry = Retry(NoBackoff(), 0)
-        kwargs: dict[str, Any] = {
-            "host": host,
-            "port": port,
-            "db": meta.redis_db,
-            "username": meta.redis_username or None,
-            "password": meta.redis_password or None,
-            "socket_connect_timeout": _timeout(meta.dial_timeout),
-            "socket_keepalive": True,
-            "retry": retry,
-            "client_name": self.client_name,
-            "protocol": 2,
-        }
-        if meta.enable_tls:
-            kwargs["connection_class"] = aioredis.SSLConnection
-            if meta.insecure_skip_tls_verify:
-                kwargs["ssl_cert_reqs"] = "none"
-                kwargs["ssl_check_hostname"] = False
-        read_timeout = _timeout(meta.read_timeout)
-        # Dapr's defaults: 10 connections per CPU; wait up to readTimeout + 1s for one.
-        pool_timeout = _timeout(meta.pool_timeout)
-        if meta.pool_timeout is None:
-            pool_timeout = None if read_timeout is None else read_timeout + 1
-        pool = aioredis.BlockingConnectionPool(
-            max_connections=meta.pool_size or 10 * (os.cpu_count() or 1),
-            timeout=pool_timeout,
-            socket_timeout=read_timeout,
-            **kwargs,
-        )
-        client = aioredis.Redis.from_pool(pool)
+        client = redis_client(meta, self.client_name)
         try:
             await client.ping()
             replication = await client.info("replication")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import time
 import uuid
@@ -13,8 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
@@ -28,6 +25,7 @@ from pillion.components.metadata import (
     decode,
 )
 from pillion.components.pubsub.redis import RedisPubSubMetadata
+from pillion.components.redisconn import redis_client
 from pillion.components.state.api import (
     TTL_KEY,
     BulkGetItem,
@@ -271,11 +269,6 @@ def _millis_integers(props: Mapping[str, str]) -> Properties:
     return Properties(out)
 
 
-def _timeout(value: float | None) -> float | None:
-    """A socket timeout; Dapr writes a negative one for "none"."""
-    return None if value is None or value < 0 else value
-
-
 def _version(key: str, etag: str) -> str:
     """The etag as the decimal version the script compares with; ETagInvalid if it is none."""
     if _ETAG.fullmatch(etag) is None or not -_INT64 <= int(etag) < _INT64:
@@ -317,46 +310,7 @@ class RedisStateStore(StateStore):
         host, port = meta.address()
         self.meta, self._where = meta, f"{host}:{port}"
         self._default_ttl = meta.default_ttl()
-        retries = meta.retries()
-        if retries:
-            retry = Retry(
-                ExponentialBackoff(
-                    cap=max(meta.max_retry_interval, 0), base=max(meta.min_retry_interval, 0)
-                ),
-                retries,
-            )
-        else:
-            retry = Retry(NoBackoff(), 0)
-        kwargs: dict[str, Any] = {
-            "host": host,
-            "port": port,
-            "db": meta.redis_db,
-            "username": meta.redis_username or None,
-            "password": meta.redis_password or None,
-            "socket_connect_timeout": _timeout(meta.dial_timeout),
-            "socket_keepalive": True,
-            "retry": retry,
-            "client_name": self.client_name,
-            # RESP2 replies have the same shape in every redis-py version this supports.
-            "protocol": 2,
-        }
-        if meta.enable_tls:
-            kwargs["connection_class"] = aioredis.SSLConnection
-            if meta.insecure_skip_tls_verify:
-                kwargs["ssl_cert_reqs"] = "none"
-                kwargs["ssl_check_hostname"] = False
-        read_timeout = _timeout(meta.read_timeout)
-        # Dapr's defaults: 10 connections per CPU; wait up to readTimeout + 1s for one.
-        pool_timeout = _timeout(meta.pool_timeout)
-        if meta.pool_timeout is None:
-            pool_timeout = None if read_timeout is None else read_timeout + 1
-        pool = aioredis.BlockingConnectionPool(
-            max_connections=meta.pool_size or 10 * (os.cpu_count() or 1),
-            timeout=pool_timeout,
-            socket_timeout=read_timeout,
-            **kwargs,
-        )
-        client = aioredis.Redis.from_pool(pool)
+        client = redis_client(meta, self.client_name)
         try:
             await client.ping()
             read = client.register_script(_READ_SCRIPT)
