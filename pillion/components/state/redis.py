@@ -18,14 +18,10 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pillion.components.metadata import (
-    ComponentConfigError,
     ComponentInfo,
-    Properties,
-    Seconds,
     decode,
 )
-from pillion.components.pubsub.redis import RedisPubSubMetadata
-from pillion.components.redisconn import redis_client
+from pillion.components.redisconn import RedisConnMetadata, millis_integers, redis_client
 from pillion.components.state.api import (
     TTL_KEY,
     BulkGetItem,
@@ -62,19 +58,6 @@ SEQUENCE_KEY = "||pillion||state-version"
 _READ_CHUNK = 256
 
 # Dapr reads a bare integer in these durations as milliseconds (its redis Duration type).
-_MILLIS_KEYS = frozenset(
-    k.lower()
-    for k in (
-        "dialTimeout",
-        "readTimeout",
-        "writeTimeout",
-        "poolTimeout",
-        "redisMinRetryInterval",
-        "redisMaxRetryInterval",
-        "maxRetryBackoff",
-    )
-)
-_UINT = re.compile(r"\d+")
 # Dapr parses redis etags with Go's strconv.Atoi: an optional sign and decimal digits.
 _ETAG = re.compile(r"[+-]?[0-9]+")
 _INT64 = 2**63
@@ -186,7 +169,7 @@ _NO_CHECK, _CHECK_ETAG, _CHECK_ABSENT = "", "e", "n"
 
 
 @dataclass(frozen=True)
-class RedisStateMetadata:
+class RedisStateMetadata(RedisConnMetadata):
     """Dapr's `state.redis` metadata (single node only: no Cluster, Sentinel or client certs).
 
     `actorStateStore` and `keyPrefix` belong to the runtime and are not read here; Dapr's
@@ -194,79 +177,17 @@ class RedisStateMetadata:
     ignored.
     """
 
-    redis_host: str = field(default="", metadata={"name": "redisHost"})
-    redis_port: int = field(default=0, metadata={"name": "redisPort"})
-    redis_password: str = field(default="", metadata={"name": "redisPassword"})
-    redis_username: str = field(default="", metadata={"name": "redisUsername"})
-    redis_db: int = field(default=0, metadata={"name": "redisDB"})
-    redis_type: str = field(default="node", metadata={"name": "redisType"})
-    failover: bool = field(default=False, metadata={"name": "failover"})
-    enable_tls: bool = field(default=False, metadata={"name": "enableTLS"})
-    insecure_skip_tls_verify: bool = field(
-        default=False, metadata={"name": "insecureSkipTLSVerify"}
-    )
-    client_cert: str = field(default="", metadata={"name": "clientCert"})
-    client_key: str = field(default="", metadata={"name": "clientKey"})
-    # go-redis semantics: -1 disables retries, 0 means the default of 3.
-    max_retries: int = field(
-        default=3, metadata={"name": "redisMaxRetries", "aliases": ("maxRetries",)}
-    )
-    min_retry_interval: Seconds = field(
-        default=Seconds(0.008), metadata={"name": "redisMinRetryInterval"}
-    )
-    # Dapr documents redisMaxRetryInterval as winning over maxRetryBackoff when both are set.
-    max_retry_interval: Seconds = field(
-        default=Seconds(0.512),
-        metadata={"name": "redisMaxRetryInterval", "aliases": ("maxRetryBackoff",)},
-    )
-    dial_timeout: Seconds = field(default=Seconds(5), metadata={"name": "dialTimeout"})
-    read_timeout: Seconds = field(default=Seconds(3), metadata={"name": "readTimeout"})
-    # Accepted but unused: redis-py has one socket timeout for reads and writes (readTimeout).
-    write_timeout: Seconds | None = field(default=None, metadata={"name": "writeTimeout"})
-    pool_size: int = field(default=0, metadata={"name": "poolSize"})
-    pool_timeout: Seconds | None = field(default=None, metadata={"name": "poolTimeout"})
     # Default TTL of every write that names none; 0 or negative means none, as in Dapr.
     ttl_in_seconds: int | None = field(default=None, metadata={"name": "ttlInSeconds"})
     # Accepted and ignored with a warning: pillion's redis store has no query API.
     query_indexes: str = field(default="", metadata={"name": "queryIndexes"})
 
-    def validate(self) -> None:
-        self.address()
-        if self.redis_type.strip().lower() not in ("", "node"):
-            raise ComponentConfigError(
-                "redisType", f"{self.redis_type!r} is not supported; only node is"
-            )
-        if self.failover:
-            raise ComponentConfigError("failover", "Redis Sentinel is not supported")
-        if self.client_cert or self.client_key:
-            name = "clientCert" if self.client_cert else "clientKey"
-            raise ComponentConfigError(name, "TLS client certificates are not supported")
-        if self.redis_db < 0:
-            raise ComponentConfigError("redisDB", "must not be negative")
-        if self.max_retries < -1:
-            raise ComponentConfigError("redisMaxRetries", "must be -1 (no retries) or more")
-        if self.pool_size < 0:
-            raise ComponentConfigError("poolSize", "must not be negative")
-
-    def address(self) -> tuple[str, int]:
-        """(host, port) from `redisHost` and `redisPort`, by the rules of `pubsub.redis`."""
-        return RedisPubSubMetadata(redis_host=self.redis_host, redis_port=self.redis_port).address()
-
     def default_ttl(self) -> int:
         """Seconds every write expires after unless it names a TTL; 0 for never."""
         return self.ttl_in_seconds if self.ttl_in_seconds and self.ttl_in_seconds > 0 else 0
 
-    def retries(self) -> int:
-        return 3 if self.max_retries == 0 else max(self.max_retries, 0)
 
-
-def _millis_integers(props: Mapping[str, str]) -> Properties:
-    """Rewrite Dapr's bare-integer millisecond durations to "<n>ms" for the decoder."""
-    out: dict[str, str] = {}
-    for key, value in props.items():
-        v = value.strip()
-        out[key] = f"{v}ms" if key.lower() in _MILLIS_KEYS and _UINT.fullmatch(v) else value
-    return Properties(out)
+_millis_integers = millis_integers
 
 
 def _version(key: str, etag: str) -> str:
