@@ -1,8 +1,10 @@
-"""Service invocation throughput: app direct vs two pillion sidecars vs two haproxy hops.
+"""Service invocation throughput: app direct vs two pillion sidecars vs two haproxy hops, and
+two sidecars with tracing (sampling 1, OTLP/HTTP export) and metrics on vs both off.
 
 Everything runs on this machine in one run, so the ratios compare like with like. Prints
 req/s, p50/p99 latency, CPU microseconds per request per sidecar, RSS, start-up time to
-`healthz/outbound`, idle RSS, and whether the floor holds (pillion >= 0.35x haproxy).
+`healthz/outbound`, idle RSS, and whether the floors hold (pillion >= 0.35x haproxy; observed
+>= 0.8x of plain).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from common import ROOT, cpu_seconds, ensure_tools, rss_mb, wrk
@@ -20,6 +23,7 @@ from common import ROOT, cpu_seconds, ensure_tools, rss_mb, wrk
 from pillion.testing.procs import Proc, free_port, http_status, start_sidecar, wait_until
 
 FLOOR = 0.35
+OBSERVED_FLOOR = 0.8
 HERE = Path(__file__).resolve().parent
 
 HAPROXY_CFG = """
@@ -57,6 +61,72 @@ def start_haproxy(listen: int, target: int, tmp: Path) -> subprocess.Popen[bytes
     return p
 
 
+TRACED_CONFIG = """
+apiVersion: dapr.io/v1alpha1
+kind: Configuration
+metadata: {{name: traced}}
+spec:
+  tracing:
+    samplingRate: "1"
+    otel: {{endpointAddress: "127.0.0.1:{sink}", protocol: http, isSecure: false}}
+  metrics: {{enabled: true}}
+"""
+
+
+def sidecar_pair(home: Path, app_port: int, tag: str, extra: list[str]) -> tuple[list[Proc], str]:
+    """Caller and callee sidecars with `extra` flags; the caller's invoke URL."""
+    callee = start_sidecar(
+        f"bench{tag}app",
+        home=home,
+        resources=[home / "components"],
+        app_port=app_port,
+        wait="ready",
+        extra=extra,
+    )
+    caller = start_sidecar(
+        f"bench{tag}caller", home=home, resources=[home / "components"], extra=extra
+    )
+    url = f"http://127.0.0.1:{caller.http_port}/v1.0/invoke/bench{tag}app/method/ping"
+    assert http_status(caller.http_port, f"/v1.0/invoke/bench{tag}app/method/ping") == 200
+    return [caller.proc, callee.proc], url
+
+
+def observed_ratio(home: Path, tmp: Path, app_port: int, c: int, s: int) -> tuple[float, bool]:
+    """Tracing at sampling 1 + metrics vs both off, same path, alternated to even out noise."""
+    sink_port = free_port()
+    sink = Proc.start("span sink", [sys.executable, str(HERE / "span_sink.py"), str(sink_port)])
+    sink.wait_for_line("listening", 10)
+    config = tmp / "traced.yaml"
+    config.write_text(TRACED_CONFIG.format(sink=sink_port))
+    procs = [sink]
+    try:
+        plain, plain_url = sidecar_pair(home, app_port, "plain", ["--enable-metrics=false"])
+        procs += plain
+        traced, traced_url = sidecar_pair(home, app_port, "traced", ["--config", str(config)])
+        procs += traced
+        wrk(plain_url, connections=c, seconds=2)
+        wrk(traced_url, connections=c, seconds=2)
+        offs, ons = [], []
+        for _ in range(2):
+            offs.append(wrk(plain_url, connections=c, seconds=s))
+            ons.append(wrk(traced_url, connections=c, seconds=s))
+        off = max(r.rps for r in offs)
+        on = max(r.rps for r in ons)
+        errors = sum(r.errors for r in offs + ons)
+        got = urllib.request.urlopen(f"http://127.0.0.1:{sink_port}/", timeout=5).read().split()
+        ratio = on / off
+        print()
+        print(f"tracing (sampling 1, OTLP/HTTP) + metrics vs both off, {c} connections, best of 2")
+        print(f"{'two sidecars, tracing+metrics off':34} {off:9.0f} req/s")
+        print(f"{'two sidecars, tracing+metrics on':34} {on:9.0f} req/s")
+        print(f"spans exported: {int(got[1]) // 1024} KiB in {int(got[0])} posts")
+        print(f"ratio on / off: {ratio:.2f}x (floor {OBSERVED_FLOOR}x)")
+        return ratio, errors == 0 and int(got[0]) > 0
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
 def startup_time(home: Path) -> tuple[float, float]:
     """Seconds from process start to healthz/outbound 204, and the idle RSS (MB) after."""
     port = free_port()
@@ -72,6 +142,8 @@ def startup_time(home: Path) -> tuple[float, float]:
             "startup",
             "--dapr-http-port",
             str(port),
+            "--metrics-port",
+            str(free_port()),
             "--pillion-home",
             str(home),
             "--resources-path",
@@ -93,6 +165,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument(
+        "--only-observed", action="store_true", help="only the tracing+metrics on/off comparison"
+    )
     args = ap.parse_args()
     ensure_tools("wrk", "haproxy")
     tmp = Path(tempfile.mkdtemp(prefix="pillion-bench-"))
@@ -108,27 +183,28 @@ def main() -> int:
     app = start_app(app_port)
     procs: list[Proc] = [app]
     haproxies: list[subprocess.Popen[bytes]] = []
+    c, s = args.connections, args.seconds
     try:
-        callee = start_sidecar(
-            "benchapp", home=home, resources=[home / "components"], app_port=app_port, wait="ready"
-        )
-        caller = start_sidecar("benchcaller", home=home, resources=[home / "components"])
-        procs += [callee.proc, caller.proc]
+        observed, observed_ok = observed_ratio(home, tmp, app_port, c, s)
+        if args.only_observed:
+            ok = observed >= OBSERVED_FLOOR and observed_ok
+            print(f"floor: {'OK' if ok else 'FAILED'}")
+            return 0 if ok else 1
+        pair, pillion_url = sidecar_pair(home, app_port, "", ["--enable-metrics=false"])
+        procs += pair
+        caller, callee = pair
         h2 = free_port()
         h1 = free_port()
         haproxies.append(start_haproxy(h2, app_port, tmp))
         haproxies.append(start_haproxy(h1, h2, tmp))
-        pillion_url = f"http://127.0.0.1:{caller.http_port}/v1.0/invoke/benchapp/method/ping"
-        assert http_status(caller.http_port, "/v1.0/invoke/benchapp/method/ping") == 200
 
-        c, s = args.connections, args.seconds
         wrk(pillion_url, connections=c, seconds=2)  # warm-up: pools, caches
         direct = wrk(f"http://127.0.0.1:{app_port}/ping", connections=c, seconds=s)
-        cpu0 = (cpu_seconds(caller.proc.popen.pid), cpu_seconds(callee.proc.popen.pid))
+        cpu0 = (cpu_seconds(caller.popen.pid), cpu_seconds(callee.popen.pid))
         through = wrk(pillion_url, connections=c, seconds=s)
-        cpu1 = (cpu_seconds(caller.proc.popen.pid), cpu_seconds(callee.proc.popen.pid))
+        cpu1 = (cpu_seconds(caller.popen.pid), cpu_seconds(callee.popen.pid))
         hap = wrk(f"http://127.0.0.1:{h1}/ping", connections=c, seconds=s)
-        rss = (rss_mb(caller.proc.popen.pid), rss_mb(callee.proc.popen.pid))
+        rss = (rss_mb(caller.popen.pid), rss_mb(callee.popen.pid))
 
         starts = [startup_time(home) for _ in range(3)]
         start_s = statistics.median(t for t, _ in starts)
@@ -157,8 +233,10 @@ def main() -> int:
         print(f"ratio pillion / direct:  {ratio_direct:.2f}x")
         print(f"start-up to healthz/outbound: {start_s * 1000:.0f} ms (goal < 500 ms)")
         print(f"idle sidecar RSS: {idle_rss:.1f} MB (goal < 60 MB)")
+        print(f"ratio tracing+metrics on / off: {observed:.2f}x (floor {OBSERVED_FLOOR}x)")
         ok = ratio_hap >= FLOOR and through.errors == 0
-        print(f"floor: {'OK' if ok else 'FAILED'}")
+        ok = ok and observed >= OBSERVED_FLOOR and observed_ok
+        print(f"floors: {'OK' if ok else 'FAILED'}")
         return 0 if ok else 1
     finally:
         for h in haproxies:

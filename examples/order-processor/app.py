@@ -29,11 +29,17 @@ def state_save(items: list[dict[str, object]]) -> None:
 
 
 def save_with_counter(counter: str, items: list[dict[str, object]]) -> None:
-    """Save `items` and bump `counter`; its etag makes concurrent increments safe (409: retry)."""
+    """Save `items` and bump `counter`; its etag makes concurrent increments safe (409: retry).
+
+    The first increment has no etag to give: first-write makes a concurrent creation conflict
+    too, instead of both writing 1."""
     while True:
         count, etag = state_get(counter)
+        item: dict[str, object] = {"key": counter, "value": (count or 0) + 1, "etag": etag}
+        if not etag:
+            item["options"] = {"concurrency": "first-write"}
         try:
-            state_save([*items, {"key": counter, "value": (count or 0) + 1, "etag": etag}])
+            state_save([*items, item])
             return
         except urllib.error.HTTPError as exc:
             if exc.code != 409:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from pillion.blocks.guard import component_call, recorder
 from pillion.components.bindings.api import (
     BindingError,
     BindingResponse,
@@ -15,6 +16,11 @@ from pillion.components.bindings.api import (
     OutputBinding,
 )
 from pillion.errors import Code, GrpcCode, PillionError
+from pillion.resiliency import CircuitOpen
+
+if TYPE_CHECKING:
+    from pillion.observability.dapr_metrics import DaprMetrics
+    from pillion.resiliency import Resiliency
 
 log = logging.getLogger("pillion.blocks.bindings")
 
@@ -56,6 +62,9 @@ class BindingsBlock:
         self.app_id = app_id
         self.bindings = dict(bindings)
         self._reading: list[InputBinding] = []
+        # Set by the runtime: component metrics and resiliency policies.
+        self.metrics: DaprMetrics | None = None
+        self.resiliency: Resiliency | None = None
 
     async def invoke(
         self, name: str, operation: str, data: bytes, metadata: Mapping[str, str]
@@ -71,9 +80,19 @@ class BindingsBlock:
                 f"binding {name} does not support operation {operation}. "
                 f"supported operations:{' '.join(ops)}",
             )
+        record = recorder(self.metrics, "output_binding", name, operation)
         try:
-            return await comp.invoke(operation, data, metadata)
-        except (BindingError, ValueError, OSError) as exc:
+            return await component_call(
+                self.resiliency,
+                name,
+                "bindings",
+                lambda: comp.invoke(operation, data, metadata),
+                record=record,
+                retryable=lambda exc: not isinstance(exc, ValueError),
+            )
+        except TimeoutError as exc:
+            raise _invoke_error(name, "context deadline exceeded") from exc
+        except (BindingError, ValueError, OSError, CircuitOpen) as exc:
             raise _invoke_error(name, str(exc)) from exc
 
     async def start_inputs(self, deliverer: BindingDeliverer) -> list[str]:
@@ -87,7 +106,7 @@ class BindingsBlock:
                 if not await deliverer.accepts(entry):
                     log.info("app does not take events of input binding %s", entry.name)
                     continue
-                await comp.read(_handler(deliverer, entry))
+                await comp.read(self._handler(deliverer, entry))
             except Exception as exc:
                 log.error("input binding %s could not start: %s", entry.name, exc)
                 continue
@@ -95,6 +114,22 @@ class BindingsBlock:
             started.append(entry.name)
             log.info("input binding %s is reading", entry.name)
         return started
+
+    def _handler(self, deliverer: BindingDeliverer, entry: BindingEntry) -> InputHandler:
+        """Deliveries of one input binding, under its inbound resiliency policy, counted."""
+        record = recorder(self.metrics, "input_binding", entry.name)
+
+        async def handle(data: bytes, metadata: Mapping[str, str]) -> bytes:
+            return await component_call(
+                self.resiliency,
+                entry.name,
+                "bindings",
+                lambda: deliverer.deliver(entry, data, metadata),
+                record=record,
+                inbound=True,
+            )
+
+        return handle
 
     async def stop(self) -> None:
         """Stop every input binding started; the components close again harmlessly later."""
@@ -104,13 +139,6 @@ class BindingsBlock:
                 await comp.close()
             except Exception:
                 log.exception("error stopping an input binding")
-
-
-def _handler(deliverer: BindingDeliverer, entry: BindingEntry) -> InputHandler:
-    async def handle(data: bytes, metadata: Mapping[str, str]) -> bytes:
-        return await deliverer.deliver(entry, data, metadata)
-
-    return handle
 
 
 def _invoke_error(name: str, detail: str) -> PillionError:

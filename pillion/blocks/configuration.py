@@ -8,7 +8,9 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
+from pillion.blocks.guard import component_call, recorder
 from pillion.components.configuration.api import (
     ConfigurationError,
     ConfigurationItem,
@@ -16,6 +18,13 @@ from pillion.components.configuration.api import (
     ConfigurationSubscription,
 )
 from pillion.errors import Code, GrpcCode, PillionError
+from pillion.resiliency import CircuitOpen
+
+if TYPE_CHECKING:
+    from pillion.observability.dapr_metrics import DaprMetrics
+    from pillion.resiliency import Resiliency
+
+T = TypeVar("T")
 
 log = logging.getLogger("pillion.blocks.configuration")
 
@@ -52,6 +61,9 @@ class ConfigurationBlock:
         self.app_id = app_id
         self.stores = dict(stores)
         self.app_sink = app_sink
+        # Set by the runtime: component metrics and outbound resiliency policies.
+        self.metrics: DaprMetrics | None = None
+        self.resiliency: Resiliency | None = None
         self._subs: dict[str, _Subscription] = {}
 
     def store(self, name: str) -> ConfigurationStore:
@@ -72,13 +84,25 @@ class ConfigurationBlock:
             )
         return s
 
+    async def _call(self, store: str, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
+        record = recorder(self.metrics, "configuration", store, operation)
+        return await component_call(
+            self.resiliency,
+            store,
+            "configuration",
+            fn,
+            record=record,
+            retryable=lambda exc: not isinstance(exc, ValueError),
+        )
+
     async def get(
         self, store: str, keys: Sequence[str], metadata: Mapping[str, str] | None = None
     ) -> Batch:
         s = self.store(store)
         try:
-            return dict(await s.get(list(keys), metadata or {}))
-        except (ConfigurationError, ValueError, OSError) as exc:
+            got = await self._call(store, "get", lambda: s.get(list(keys), metadata or {}))
+            return dict(got)
+        except (ConfigurationError, ValueError, OSError, TimeoutError, CircuitOpen) as exc:
             raise PillionError(
                 Code.CONFIGURATION_GET,
                 f"failed to get {list(keys)} from Configuration store {store}: {exc}",
@@ -97,8 +121,10 @@ class ConfigurationBlock:
             sub.queue.put_nowait(dict(batch))
 
         try:
-            sub.handle = await s.subscribe(list(keys), metadata or {}, handler)
-        except (ConfigurationError, ValueError, OSError) as exc:
+            sub.handle = await self._call(
+                store, "subscribe", lambda: s.subscribe(list(keys), metadata or {}, handler)
+            )
+        except (ConfigurationError, ValueError, OSError, TimeoutError, CircuitOpen) as exc:
             raise PillionError(
                 Code.CONFIGURATION_SUBSCRIBE,
                 f"failed to subscribe {list(keys)} from Configuration store {store}: {exc}",

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote
 
 from pillion.errors import PillionError, direct_invoke
+from pillion.observability.tracing import (
+    SERVER,
+    SharedAttributes,
+    SpanContext,
+    format_traceparent,
+    parse_traceparent,
+)
+from pillion.resiliency import CircuitOpen
+
+if TYPE_CHECKING:
+    from pillion.observability.dapr_metrics import DaprMetrics
+    from pillion.observability.tracing import Tracer
+    from pillion.resiliency import Resiliency
 
 log = logging.getLogger("pillion.blocks.invoke")
 
@@ -93,6 +107,7 @@ class InvokeRequest:
     headers: Headers
     body: bytes
     peer: str = ""
+    protocol: str = "http"  # the API the caller used: "http" | "grpc" (a metrics label)
 
 
 @dataclass(slots=True)
@@ -141,6 +156,43 @@ class AppChannel(Protocol):
     async def invoke(
         self, verb: str, target: bytes, headers: Headers, body: bytes
     ) -> InvokeResponse: ...
+
+
+def trace_context(headers: Headers) -> SpanContext | None:
+    """The W3C context a request's headers carry (None: none, or not valid)."""
+    traceparent = tracestate = None
+    for k, v in headers:
+        if k == b"traceparent":
+            traceparent = v
+        elif k == b"tracestate":
+            tracestate = v
+    return None if traceparent is None else parse_traceparent(traceparent, tracestate)
+
+
+def set_trace_context(headers: Headers, ctx: SpanContext) -> bytes:
+    """Make `headers` (changed in place) carry `ctx`: its traceparent, and its tracestate when
+    they had none (a child keeps its parent's tracestate, so an existing one stays right).
+    Returns the traceparent value."""
+    value = traceparent = format_traceparent(ctx)
+    has_state = False
+    for i, (k, _) in enumerate(headers):
+        if k == b"traceparent":
+            headers[i] = (k, value)
+            value = b""
+        elif k == b"tracestate":
+            has_state = True
+    if value:
+        headers.append((b"traceparent", value))
+    if ctx.tracestate and not has_state:
+        headers.append((b"tracestate", ctx.tracestate.encode("latin-1")))
+    return traceparent
+
+
+def header_value(headers: Headers, name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
 
 
 def split_app_id(raw: str) -> tuple[str, str]:
@@ -196,6 +248,11 @@ class InvokeBlock:
         self.link = link
         self.app = app
         self.own_address = own_address
+        # Set by the runtime when tracing, metrics or resiliency policies are on.
+        self.tracer: Tracer | None = None
+        self.metrics: DaprMetrics | None = None
+        self.resiliency: Resiliency | None = None
+        self._hop_shapes: dict[tuple[str, bytes, int], tuple[str, SharedAttributes]] = {}
 
     # --- caller side ------------------------------------------------------------------------------
 
@@ -207,24 +264,77 @@ class InvokeBlock:
         target_bytes = path.encode("latin-1") + (b"?" + req.query if req.query else b"")
         headers = self._outbound_headers(req, target)
         if target == self.app_id and ns == self.namespace:
-            return await self._deliver(req.app_id, req.verb, target_bytes, headers, req.body)
+            call: Callable[[], Awaitable[InvokeResponse]] = lambda: self._deliver(  # noqa: E731
+                req.app_id, req.verb, target_bytes, headers, req.body
+            )
+        else:
+            call = lambda: self._forward(  # noqa: E731
+                req.app_id, target, ns, req.verb, target_bytes, headers, req.body
+            )
+        metrics = self.metrics
+        if metrics is None:
+            return await self._guarded(req.app_id, target, call)
+        metrics.invoke_req_sent(target, req.protocol)
+        t0 = time.perf_counter()
+        status = "500"
+        try:
+            resp = await self._guarded(req.app_id, target, call)
+            status = str(resp.status)
+            return resp
+        except PillionError as err:
+            status = str(err.http_status)
+            raise
+        finally:
+            metrics.invoke_res_recv(target, status, req.protocol, (time.perf_counter() - t0) * 1000)
+
+    async def _guarded(
+        self, raw_id: str, target: str, call: Callable[[], Awaitable[InvokeResponse]]
+    ) -> InvokeResponse:
+        """`call` under the app's resiliency policy, if it has one (none: one plain attempt)."""
+        policy = self.resiliency.app(target) if self.resiliency is not None else None
+        if policy is None:
+            return await call()
+        try:
+            retry = policy.retry
+            return await policy.run(
+                call,
+                failed=_failed,
+                retryable_result=None if retry is None else lambda r: retry.retry_http(r.status),
+            )
+        except TimeoutError as exc:
+            raise direct_invoke(
+                f"failed to invoke, id: {raw_id}, err: context deadline exceeded"
+            ) from exc
+        except CircuitOpen as exc:
+            raise direct_invoke(f"failed to invoke, id: {raw_id}, err: {exc}") from exc
+
+    async def _forward(
+        self,
+        raw_id: str,
+        target: str,
+        ns: str,
+        verb: str,
+        path: bytes,
+        headers: Headers,
+        body: bytes,
+    ) -> InvokeResponse:
         if self.resolver is None or self.link is None:
             raise direct_invoke(
-                f"failed to invoke, id: {req.app_id}, err: no name resolution is configured"
+                f"failed to invoke, id: {raw_id}, err: no name resolution is configured"
             )
-        addr = await self._resolve(req.app_id, target, ns)
+        addr = await self._resolve(raw_id, target, ns)
         try:
-            return await self.link.forward(addr, req.verb, target_bytes, headers, req.body)
+            return await self.link.forward(addr, verb, path, headers, body)
         except Unreachable:
             # The entry may be stale (a sidecar restarted on another port): look again once.
             self.resolver.invalidate(target, ns)
-            addr = await self._resolve(req.app_id, target, ns)
+            addr = await self._resolve(raw_id, target, ns)
             try:
-                return await self.link.forward(addr, req.verb, target_bytes, headers, req.body)
+                return await self.link.forward(addr, verb, path, headers, body)
             except (Unreachable, CallFailed) as exc:
-                raise direct_invoke(f"failed to invoke, id: {req.app_id}, err: {exc}") from exc
+                raise direct_invoke(f"failed to invoke, id: {raw_id}, err: {exc}") from exc
         except CallFailed as exc:
-            raise direct_invoke(f"failed to invoke, id: {req.app_id}, err: {exc}") from exc
+            raise direct_invoke(f"failed to invoke, id: {raw_id}, err: {exc}") from exc
 
     async def _resolve(self, raw: str, app: str, ns: str) -> Address:
         assert self.resolver is not None
@@ -270,18 +380,70 @@ class InvokeBlock:
         self, verb: str, target: bytes, headers: Headers, body: bytes
     ) -> InvokeResponse:
         """A call from another sidecar over the internal link; deliver it to our app."""
-        callee = b""
+        callee = caller = b""
         for k, v in headers:
             if k == CALLEE_HEADER:
                 callee = v
-                break
+            elif k == CALLER_HEADER:
+                caller = v
         if callee.decode("utf-8", "replace") != self.app_id:
             raise direct_invoke(
                 f"failed to invoke, id: {callee.decode('utf-8', 'replace')}, err: this sidecar "
                 f"serves app id {self.app_id!r}",
                 404,
             )
-        return await self._deliver(self.app_id, verb, target, headers, body)
+        tracer = self.tracer
+        span = None
+        if tracer is not None and tracer.enabled:
+            # daprd's model: one server span covers the hop and the call to the app, and the app
+            # gets its context (a call to the own app continues the API span, as the router set).
+            span, ctx = tracer.start("", trace_context(headers), SERVER)
+            if ctx is not None:
+                set_trace_context(headers, ctx)
+        metrics = self.metrics
+        src = caller.decode("utf-8", "replace")
+        if metrics is not None:
+            metrics.invoke_req_recv(src)
+        status = 500
+        error: str | None = None
+        try:
+            resp = await self._deliver(self.app_id, verb, target, headers, body)
+            status = resp.status
+            if status >= 500:
+                error = f"status {status}"
+            return resp
+        except PillionError as err:
+            status = err.http_status
+            error = err.message
+            raise
+        finally:
+            if metrics is not None:
+                metrics.invoke_res_sent(src, str(status))
+            if span is not None:
+                span.name, span.attributes = self._hop_shape(verb, target, status)
+                span.end(error)
+
+    def _hop_shape(self, verb: str, target: bytes, status: int) -> tuple[str, SharedAttributes]:
+        """The callee span's name and attributes, shared by every call with the same shape."""
+        key = (verb, target, status)
+        shape = self._hop_shapes.get(key)
+        if shape is None:
+            method = target.split(b"?", 1)[0].decode("latin-1")
+            shape = (
+                f"CallLocal/{self.app_id}{method}",
+                SharedAttributes(
+                    {
+                        "dapr.protocol": "http",
+                        "rpc.service": "ServiceInvocation",
+                        "dapr.invoke_method": method[1:],
+                        "dapr.api": f"{verb} {method}",
+                        "dapr.status_code": status,
+                    }
+                ),
+            )
+            if len(self._hop_shapes) < 4096:
+                self._hop_shapes[key] = shape
+        return shape
 
     async def _deliver(
         self, raw_id: str, verb: str, target: bytes, headers: Headers, body: bytes
@@ -297,3 +459,10 @@ class InvokeBlock:
             raise
         except (Unreachable, CallFailed) as exc:
             raise direct_invoke(f"failed to invoke, id: {raw_id}, err: {exc}") from exc
+
+
+def _failed(resp: InvokeResponse) -> bool:
+    """Dapr's rule: an app's answer outside 2xx/3xx is a failure (a gRPC app's never is)."""
+    if header_value(resp.headers, GRPC_STATUS_HEADER) is not None:
+        return False
+    return not 200 <= resp.status < 400

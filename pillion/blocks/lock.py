@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from pillion.blocks.guard import component_call
 from pillion.components.lock.api import LockError, LockStore, UnlockStatus
 from pillion.errors import Code, GrpcCode, PillionError
+from pillion.resiliency import CircuitOpen
+
+if TYPE_CHECKING:
+    from pillion.resiliency import Resiliency
 
 SEPARATOR = "||"
 # Every stored lock key starts with this, whatever the keyPrefix strategy.
@@ -45,6 +51,7 @@ class LockBlock:
     def __init__(self, app_id: str, stores: Mapping[str, LockEntry]) -> None:
         self.app_id = app_id
         self.stores = dict(stores)
+        self.resiliency: Resiliency | None = None  # outbound policies, set by the runtime
 
     def storage_key(self, e: LockEntry, resource_id: str) -> str:
         """`lock||{appId}||{id}` and the other keyPrefix strategies (appid, name, none, custom)."""
@@ -70,8 +77,13 @@ class LockBlock:
         e = self._validate(store, resource_id, lock_owner)
         try:
             key = self.storage_key(e, resource_id)
-            return await e.store.try_lock(key, lock_owner, expiry_in_seconds)
-        except (IllegalKey, LockError) as exc:
+            return await component_call(
+                self.resiliency,
+                store,
+                "lock",
+                lambda: e.store.try_lock(key, lock_owner, expiry_in_seconds),
+            )
+        except (IllegalKey, LockError, TimeoutError, CircuitOpen) as exc:
             raise PillionError(
                 Code.TRY_LOCK,
                 f"failed to try acquiring lock: {exc}",
@@ -83,8 +95,10 @@ class LockBlock:
         e = self._validate(store, resource_id, lock_owner)
         try:
             key = self.storage_key(e, resource_id)
-            return await e.store.unlock(key, lock_owner)
-        except (IllegalKey, LockError) as exc:
+            return await component_call(
+                self.resiliency, store, "lock", lambda: e.store.unlock(key, lock_owner)
+            )
+        except (IllegalKey, LockError, TimeoutError, CircuitOpen) as exc:
             raise PillionError(
                 Code.UNLOCK, f"failed to release lock: {exc}", 500, GrpcCode.INTERNAL
             ) from exc

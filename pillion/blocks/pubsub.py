@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pillion.blocks import cloudevents as ce
+from pillion.blocks.guard import component_call, recorder
 from pillion.blocks.routing import RouteEvalError, Routes
 from pillion.components.metadata import ComponentConfigError, parse_bool
 from pillion.components.pubsub.api import (
@@ -23,14 +25,17 @@ from pillion.components.pubsub.api import (
     TopicNotFound,
 )
 from pillion.errors import GrpcCode, PillionError
+from pillion.observability.tracing import CONSUMER, format_traceparent, parse_traceparent
+from pillion.resiliency import CircuitOpen
+
+if TYPE_CHECKING:
+    from pillion.observability.dapr_metrics import DaprMetrics
+    from pillion.observability.tracing import Tracer
+    from pillion.resiliency import Resiliency
 
 log = logging.getLogger("pillion.blocks.pubsub")
 
 CLOUDEVENTS_JSON = "application/cloudevents+json"
-# Attempts at delivering one message before it is dead-lettered or handed back to the broker
-# (which redelivers it later). Resiliency policies replace this default when they land.
-DEFAULT_ATTEMPTS = 3
-DEFAULT_BACKOFF = 0.1
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,11 @@ class PubSubBlock:
         self._subs: list[tuple[SubscriptionSpec, Subscription]] = []
         self._specs: list[SubscriptionSpec] = []
         self._internal: list[Subscription] = []
-        self.attempts = DEFAULT_ATTEMPTS
-        self.backoff = DEFAULT_BACKOFF
+        # Set by the runtime. Without an inbound resiliency policy a delivery is tried once, then
+        # dead-lettered or handed back to the broker (which redelivers it), as in Dapr.
+        self.tracer: Tracer | None = None
+        self.metrics: DaprMetrics | None = None
+        self.resiliency: Resiliency | None = None
 
     # --- lookup -------------------------------------------------------------------------------
 
@@ -313,8 +321,16 @@ class PubSubBlock:
     async def _send(
         self, e: PubSubEntry, pubsub: str, topic: str, payload: bytes, metadata: Mapping[str, str]
     ) -> None:
+        record = recorder(self.metrics, "pubsub_egress", pubsub, topic)
         try:
-            await e.component.publish(topic, payload, metadata)
+            await component_call(
+                self.resiliency,
+                pubsub,
+                "pubsub",
+                lambda: e.component.publish(topic, payload, metadata),
+                record=record,
+                retryable=lambda exc: not isinstance(exc, TopicNotFound),
+            )
         except TopicNotFound as exc:
             raise _err(
                 "ERR_PUBSUB_NOT_FOUND",
@@ -324,11 +340,12 @@ class PubSubBlock:
                 GrpcCode.NOT_FOUND,
                 pubsub,
             ) from exc
-        except PubSubError as exc:
+        except (PubSubError, TimeoutError, CircuitOpen) as exc:
+            detail = "timeout" if isinstance(exc, TimeoutError) else str(exc)
             raise _err(
                 "ERR_PUBSUB_PUBLISH_MESSAGE",
                 "DAPR_PUBSUB_PUBLISH_MESSAGE",
-                f"error when publishing to topic {topic} in pubsub {pubsub}: {exc}",
+                f"error when publishing to topic {topic} in pubsub {pubsub}: {detail}",
                 500,
                 GrpcCode.INTERNAL,
                 pubsub,
@@ -522,28 +539,67 @@ class _Handler:
             await self._give_up(msg)
             return
         headers = {**msg.metadata, "pubsubName": spec.pubsub}
+        block = self.block
+        tracer = block.tracer
+        span = None
+        if tracer is not None and tracer.enabled:
+            tp, ts = env.get("traceparent"), env.get("tracestate")
+            parent = parse_traceparent(
+                tp if isinstance(tp, str) else None, ts if isinstance(ts, str) else None
+            )
+            span, ctx = tracer.start(f"pubsub/{msg.topic}", parent, CONSUMER)
+            if span is not None:
+                span.set("messaging.system", "pubsub")
+                span.set("messaging.destination.name", msg.topic)
+                span.set("db.name", spec.pubsub)
+            if ctx is not None:
+                headers["traceparent"] = format_traceparent(ctx).decode()
+                if ctx.tracestate:
+                    headers["tracestate"] = ctx.tracestate
         delivery = Delivery(spec, path, env, headers)
-        delay = self.block.backoff
-        for attempt in range(1, self.block.attempts + 1):
+
+        async def attempt() -> ce.Result:
             try:
                 if spec.bulk.enabled:
-                    result = await self._batch(path).add(env, headers)
-                else:
-                    result = await self.deliverer.deliver(delivery)
+                    return await self._batch(path).add(env, headers)
+                return await self.deliverer.deliver(delivery)
             except PillionError as exc:  # app unreachable, unhealthy, ...
                 log.warning("delivery of %s to %s failed: %s", msg.id, path, exc.message)
+                return ce.Result.RETRY
+
+        policy = (
+            block.resiliency.component_inbound(spec.pubsub, "pubsub")
+            if block.resiliency is not None
+            else None
+        )
+        t0 = time.perf_counter()
+        if policy is None:
+            result = await attempt()
+        else:
+            try:
+                result = await policy.run(attempt, failed=lambda r: r == ce.Result.RETRY)
+            except (TimeoutError, CircuitOpen) as exc:
+                log.warning("delivery of %s to %s failed: %s", msg.id, path, exc or "timeout")
                 result = ce.Result.RETRY
-            if result == ce.Result.SUCCESS:
-                return
-            if result == ce.Result.DROP:
-                log.warning("app dropped message %s on topic %s", msg.id, msg.topic)
-                await self._give_up(msg)
-                return
-            if attempt < self.block.attempts:
-                await asyncio.sleep(delay)
-                delay *= 2
+        if block.metrics is not None:
+            block.metrics.pubsub_ingress(
+                spec.pubsub,
+                msg.topic,
+                str(result).lower(),
+                "success" if result == ce.Result.SUCCESS else "failed",
+                (time.perf_counter() - t0) * 1000,
+            )
+        if span is not None:
+            span.set("dapr.status", str(result))
+            span.end(None if result == ce.Result.SUCCESS else f"delivery result {result}")
+        if result == ce.Result.SUCCESS:
+            return
+        if result == ce.Result.DROP:
+            log.warning("app dropped message %s on topic %s", msg.id, msg.topic)
+            await self._give_up(msg)
+            return
         if spec.dead_letter_topic:
-            await self.block.dead_letter(self.e, spec, msg)
+            await block.dead_letter(self.e, spec, msg)
             return
         # Unacknowledged: the broker redelivers it later per its settings (pubsub.rabbitmq
         # needs requeueInFailure or a dead-letter exchange for that, as in Dapr).

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from pillion.blocks.guard import component_call, recorder
 from pillion.components.secretstores.api import SecretStore, SecretStoreError
 from pillion.errors import Code, GrpcCode, PillionError
+from pillion.resiliency import CircuitOpen
+
+if TYPE_CHECKING:
+    from pillion.observability.dapr_metrics import DaprMetrics
+    from pillion.resiliency import Resiliency
 
 ALLOW = "allow"
 DENY = "deny"
@@ -99,6 +105,9 @@ class SecretsBlock:
         self.app_id = app_id
         self.stores = dict(stores)
         self.scopes = dict(scopes or {})
+        # Set by the runtime: component metrics and outbound resiliency policies.
+        self.metrics: DaprMetrics | None = None
+        self.resiliency: Resiliency | None = None
 
     def store(self, name: str) -> SecretStore:
         if not self.stores:
@@ -124,6 +133,12 @@ class SecretsBlock:
         scope = self.scopes.get(store)
         return scope is None or scope.allows(key)
 
+    async def _call(self, store: str, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
+        record = recorder(self.metrics, "secret", store, operation)
+        return await component_call(
+            self.resiliency, store, "secretstores", fn, record=record, retryable=_retryable
+        )
+
     async def get(
         self, store: str, key: str, metadata: Mapping[str, str] | None = None
     ) -> dict[str, str]:
@@ -136,8 +151,8 @@ class SecretsBlock:
                 GrpcCode.PERMISSION_DENIED,
             )
         try:
-            return dict(await s.get(key, metadata or {}))
-        except (SecretStoreError, ValueError, OSError) as exc:
+            return dict(await self._call(store, "get", lambda: s.get(key, metadata or {})))
+        except (SecretStoreError, ValueError, OSError, TimeoutError, CircuitOpen) as exc:
             raise PillionError(
                 Code.SECRET_GET,
                 f"failed getting secret with key {key} from secret store {store}: {exc}",
@@ -151,8 +166,8 @@ class SecretsBlock:
         """Every secret of the store this app may read; denied ones are left out silently."""
         s = self.store(store)
         try:
-            data = await s.bulk_get(metadata or {})
-        except (SecretStoreError, ValueError, OSError) as exc:
+            data = await self._call(store, "bulk_get", lambda: s.bulk_get(metadata or {}))
+        except (SecretStoreError, ValueError, OSError, TimeoutError, CircuitOpen) as exc:
             raise PillionError(
                 Code.SECRET_GET,
                 f"failed getting secrets from secret store {store}: {exc}",
@@ -160,6 +175,14 @@ class SecretsBlock:
                 GrpcCode.INTERNAL,
             ) from exc
         return {name: dict(v) for name, v in data.items() if self.allowed(store, name)}
+
+
+T = TypeVar("T")
+
+
+def _retryable(exc: BaseException) -> bool:
+    """A bad request fails the same way again; store errors may not."""
+    return not isinstance(exc, ValueError)
 
 
 def _quote(s: str) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from pillion.blocks.guard import component_call, recorder
 from pillion.components.state.api import (
     BulkGetItem,
     Concurrency,
@@ -26,6 +27,13 @@ from pillion.components.state.api import (
     TransactionalStore,
 )
 from pillion.errors import Code, FieldViolation, GrpcCode, PillionError
+from pillion.resiliency import CircuitOpen
+
+if TYPE_CHECKING:
+    from pillion.observability.dapr_metrics import DaprMetrics
+    from pillion.resiliency import Resiliency
+
+T = TypeVar("T")
 
 SEPARATOR = "||"
 
@@ -130,6 +138,9 @@ class StateBlock:
         self.namespace = namespace
         self.stores = dict(stores)
         self.outbox: OutboxHook | None = None  # set by the runtime when a store has an outbox
+        # Set by the runtime: per-call metrics and the stores' outbound resiliency policies.
+        self.metrics: DaprMetrics | None = None
+        self.resiliency: Resiliency | None = None
 
     # --- lookup and keys ------------------------------------------------------------------------
 
@@ -186,6 +197,19 @@ class StateBlock:
         _, sep, rest = stored.partition(SEPARATOR)
         return rest if sep else stored
 
+    async def _call(self, store: str, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """One call into a store (resiliency, metrics); a timeout or an open circuit comes out
+        as a StateError, so every operation maps it to its own code like any store failure."""
+        record = recorder(self.metrics, "component_state", store, operation)
+        try:
+            return await component_call(
+                self.resiliency, store, "state", fn, record=record, retryable=_retryable
+            )
+        except TimeoutError as exc:
+            raise StateError("timeout waiting for the state store") from exc
+        except CircuitOpen as exc:
+            raise StateError(str(exc)) from exc
+
     # --- operations -------------------------------------------------------------------------------
 
     async def get(
@@ -199,7 +223,9 @@ class StateBlock:
         e = self.entry(store)
         skey = self.storage_key(e, key)
         try:
-            resp = await e.store.get(GetRequest(skey, metadata or {}, consistency))
+            resp = await self._call(
+                store, "get", lambda: e.store.get(GetRequest(skey, metadata or {}, consistency))
+            )
         except (StateError, ValueError) as exc:
             raise PillionError(
                 Code.STATE_GET,
@@ -222,7 +248,7 @@ class StateBlock:
         md = metadata or {}
         reqs = [GetRequest(self.storage_key(e, k), md) for k in keys]
         try:
-            items = await e.store.bulk_get(reqs)
+            items = await self._call(store, "bulk_get", lambda: e.store.bulk_get(reqs))
         except (StateError, ValueError) as exc:
             raise PillionError(
                 Code.STATE_BULK_GET,
@@ -250,11 +276,14 @@ class StateBlock:
         if not reqs:
             return
         if len(reqs) == 1:
-            results: list[BaseException | None] = [await _capture(e.store.set(reqs[0]))]
+            results: list[BaseException | None] = [
+                await _capture(self._call(store, "set", lambda: e.store.set(reqs[0])))
+            ]
         else:
             # Concurrent sets let a store group them into one commit.
             results = await asyncio.gather(
-                *(_capture(e.store.set(r)) for r in reqs), return_exceptions=False
+                *(_capture(self._call(store, "set", _bind(e.store.set, r))) for r in reqs),
+                return_exceptions=False,
             )
         for exc in results:
             if exc is not None:
@@ -276,14 +305,16 @@ class StateBlock:
         req = self._delete_request(
             e, SaveItem(key, b"", etag or None, metadata or {}, concurrency, consistency)
         )
-        exc = await _capture(e.store.delete(req))
+        exc = await _capture(self._call(store, "delete", lambda: e.store.delete(req)))
         if exc is not None:
             raise _write_error(Code.STATE_DELETE, f"failed deleting state with key {key}", exc)
 
     async def bulk_delete(self, store: str, items: Sequence[SaveItem]) -> None:
         e = self.entry(store)
         reqs = [self._delete_request(e, it) for it in items]
-        results = await asyncio.gather(*(_capture(e.store.delete(r)) for r in reqs))
+        results = await asyncio.gather(
+            *(_capture(self._call(store, "delete", _bind(e.store.delete, r))) for r in reqs)
+        )
         for exc in results:
             if exc is not None:
                 raise _write_error(
@@ -350,19 +381,22 @@ class StateBlock:
                 ops.append(SetRequest(self.storage_key(e, marker), b"1"))
                 committed = False
                 try:
-                    await self._multi(st, ops, metadata)
+                    await self._multi(store, st, ops, metadata)
                     committed = True
                 finally:
                     self.outbox.finished(marker, committed)
                 return
-        await self._multi(st, ops, metadata)
+        await self._multi(store, st, ops, metadata)
 
-    @staticmethod
     async def _multi(
-        st: TransactionalStore, ops: list[Operation], metadata: Mapping[str, str] | None
+        self,
+        store: str,
+        st: TransactionalStore,
+        ops: list[Operation],
+        metadata: Mapping[str, str] | None,
     ) -> None:
         try:
-            await st.multi(ops, metadata or {})
+            await self._call(store, "multi", lambda: st.multi(ops, metadata or {}))
         except (StateError, ValueError) as exc:
             raise PillionError(
                 Code.STATE_TRANSACTION,
@@ -386,7 +420,7 @@ class StateBlock:
                 resource_name=store,
             )
         try:
-            resp = await st.query(query, metadata)
+            resp = await self._call(store, "query", lambda: st.query(query, metadata))
         except (StateError, ValueError) as exc:  # InvalidQuery is a ValueError
             raise PillionError(
                 Code.STATE_QUERY,
@@ -425,6 +459,15 @@ class StateBlock:
             it.concurrency,
             it.consistency,
         )
+
+
+def _retryable(exc: BaseException) -> bool:
+    """ETag conflicts and bad requests fail the same way again: only other errors are retried."""
+    return not isinstance(exc, ETagMismatch | ETagInvalid | ValueError)
+
+
+def _bind(fn: Callable[[T], Awaitable[None]], arg: T) -> Callable[[], Awaitable[None]]:
+    return lambda: fn(arg)
 
 
 async def _capture(aw: object) -> BaseException | None:

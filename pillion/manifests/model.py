@@ -185,6 +185,12 @@ class Configuration:
         return block is not None and block.get("enabled") is True
 
     @property
+    def api_logging_omit_health_checks(self) -> bool:
+        """`logging.apiLogging.omitHealthChecks`: no API log line for health probes."""
+        block = _get_map(self.spec, "logging", "apiLogging")
+        return block is not None and block.get("omitHealthChecks") is True
+
+    @property
     def name_resolution(self) -> Mapping[str, Any] | None:
         """The `nameResolution` block, or None for the mode's default resolver."""
         return _get_map(self.spec, "nameResolution")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 
 from pillion.blocks.invoke import (
     NO_VERB_HEADER,
@@ -17,6 +18,7 @@ from pillion.blocks.invoke import (
     response_headers,
 )
 from pillion.errors import GrpcCode, PillionError, direct_invoke
+from pillion.observability.dapr_metrics import DaprMetrics
 from pillion.transport.client import ConnectError, HttpClient, TransportError
 from pillion.transport.dial import wait_for_port
 
@@ -85,6 +87,7 @@ class HttpAppChannel:
         self._sem = asyncio.Semaphore(max_concurrency) if max_concurrency > 0 else None
         self._token = app_token.encode() if app_token else None
         self.healthy = True
+        self.metrics: DaprMetrics | None = None  # dapr_http_client_* for calls to the app
 
     async def invoke(
         self, verb: str, target: bytes, headers: Headers, body: bytes
@@ -107,6 +110,8 @@ class HttpAppChannel:
     async def _call(
         self, verb: str, target: bytes, headers: Headers, body: bytes
     ) -> InvokeResponse:
+        metrics = self.metrics
+        t0 = time.perf_counter()
         try:
             r = await self.client.request(self.host, self.port, verb, target, headers, body)
         except ConnectError as exc:
@@ -115,6 +120,15 @@ class HttpAppChannel:
             raise CallFailed(
                 f"app at {self.host}:{self.port}: {exc or type(exc).__name__}"
             ) from exc
+        if metrics is not None:
+            metrics.http_client(
+                verb,
+                target.split(b"?", 1)[0].decode("latin-1"),
+                r.status,
+                (time.perf_counter() - t0) * 1000,
+                len(body),
+                len(r.body),
+            )
         return InvokeResponse(r.status, r.reason, app_response_headers(r.headers), r.body)
 
     async def wait_ready(self, interval: float = 0.1) -> None:
@@ -123,12 +137,17 @@ class HttpAppChannel:
 
     async def probe(self, path: str, timeout: float) -> bool:
         """One app health probe: GET path, 2xx = healthy."""
+        t0 = time.perf_counter()
         try:
             r = await self.client.request(
                 self.host, self.port, "GET", path.encode(), [], b"", timeout=timeout
             )
         except TransportError:
+            if self.metrics is not None:
+                self.metrics.health_probe("http", "failed", (time.perf_counter() - t0) * 1000)
             return False
+        if self.metrics is not None:
+            self.metrics.health_probe("http", str(r.status), (time.perf_counter() - t0) * 1000)
         return 200 <= r.status < 300
 
     async def close(self) -> None:

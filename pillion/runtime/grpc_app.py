@@ -35,6 +35,7 @@ from pillion.blocks.invoke import (
     encode_grpc_message,
 )
 from pillion.errors import direct_invoke
+from pillion.observability.tracing import format_grpc_trace_bin, parse_traceparent
 from pillion.transport.dial import wait_for_port
 
 log = logging.getLogger("pillion.runtime.grpc_app")
@@ -384,6 +385,13 @@ class GrpcAppChannel:
             raise direct_invoke("app is not in a healthy state")
         request = build_request(verb, target, headers, body)
         metadata = to_metadata(headers)
+        for k, v in headers:
+            if k == b"traceparent":
+                # gRPC apps may read the binary form (OpenCensus) too, as daprd sends it.
+                ctx = parse_traceparent(v)
+                if ctx is not None:
+                    metadata.append(("grpc-trace-bin", format_grpc_trace_bin(ctx)))
+                break
         if self.app_token is not None:
             metadata.append(("dapr-api-token", self.app_token))
         async with self.slot():

@@ -26,10 +26,26 @@ _NAMES = {
 }
 
 
+# Loggers whose scope is daprd's own name for them (API logging has its own scopes there).
+_SCOPES = {
+    "pillion.api.http.calls": "dapr.runtime.http-info",
+    "pillion.api.grpc.calls": "dapr.runtime.grpc-info",
+}
+
+
 def _scope(name: str) -> str:
     # pillion.runtime.sidecar -> dapr.runtime (daprd's scopes are dapr.<area>)
+    scope = _SCOPES.get(name)
+    if scope is not None:
+        return scope
     parts = name.split(".")
     return "dapr." + parts[1] if len(parts) > 1 and parts[0] == "pillion" else name
+
+
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    """Structured fields a call site passed as `extra={"fields": {...}}` (daprd's WithFields)."""
+    fields = getattr(record, "fields", None)
+    return fields if isinstance(fields, dict) else {}
 
 
 def _stamp(created: float) -> str:
@@ -49,10 +65,15 @@ class DaprTextFormatter(logging.Formatter):
         if record.exc_info and record.levelno >= logging.ERROR:
             # One line per event: the exception's own text, not a traceback.
             msg = f"{msg}: {record.exc_info[1]!r}"
+        extra = "".join(
+            f" {k}={json.dumps(v, ensure_ascii=False) if isinstance(v, str) else v}"
+            for k, v in _fields(record).items()
+        )
         return (
             f'time="{_stamp(record.created)}" level={_NAMES.get(record.levelno, "info")} '
             f"msg={json.dumps(msg, ensure_ascii=False)} app_id={self.app_id} "
             f"instance={self.instance} scope={_scope(record.name)} type=log ver={__version__}"
+            f"{extra}"
         )
 
 
@@ -63,6 +84,7 @@ class DaprJsonFormatter(DaprTextFormatter):
             msg = f"{msg}: {record.exc_info[1]!r}"
         return json.dumps(
             {
+                **_fields(record),
                 "time": _stamp(record.created),
                 "level": _NAMES.get(record.levelno, "info"),
                 "msg": msg,

@@ -44,6 +44,8 @@ from pillion.coordination.names import NameResolver, register
 from pillion.errors import GRPC_NUMBERS, PillionError
 from pillion.home import pillion_home, registry_file
 from pillion.manifests.loader import ManifestError, load_configuration, load_resources
+from pillion.manifests.model import Configuration
+from pillion.observability.metrics_server import handler as metrics_handler
 from pillion.runtime import logs
 from pillion.runtime.bindings import GrpcBindingDeliverer, HttpBindingDeliverer
 from pillion.runtime.channels import HttpAppChannel, SidecarLink
@@ -52,6 +54,7 @@ from pillion.runtime.grpc_app import GrpcAppChannel
 from pillion.runtime.grpc_pubsub import GrpcDeliverer, discover_grpc
 from pillion.runtime.options import SidecarOptions, build_parser, options_from_args
 from pillion.runtime.subscriptions import HttpDeliverer, discover_http, from_manifests
+from pillion.runtime.telemetry import Telemetry, build_telemetry
 from pillion.transport.http import Request, Response
 from pillion.transport.server import HttpServer
 
@@ -71,6 +74,7 @@ class Sidecar:
         self.http_port = 0
         self.internal_port = 0
         self.grpc_port = 0
+        self.metrics_port = 0
 
     def request_shutdown(self, reason: str = "shutdown API called") -> None:
         if not self._stop.is_set():
@@ -94,15 +98,25 @@ class Sidecar:
                 env=os.environ,
             )
             api_logging = opts.enable_api_logging
+            omit_health = False
             secret_scopes: dict[str, SecretScope] = {}
+            config: Configuration | None = None
             if opts.config_files:
                 config = load_configuration(opts.config_files)
                 log.info("Loaded configuration: %s", config.name or ", ".join(opts.config_files))
                 api_logging = api_logging or config.api_logging
+                omit_health = config.api_logging_omit_health_checks
                 try:
                     secret_scopes = parse_scopes(config.spec)
                 except ScopeConfigError as exc:
                     raise ManifestError(config.source, None, None, str(exc)) from exc
+            telemetry = build_telemetry(
+                app_id=opts.app_id,
+                namespace=opts.namespace,
+                config=config,
+                resources=resources,
+                enable_metrics=opts.enable_metrics,
+            )
         except ManifestError as exc:
             log.critical("Fatal error from runtime: %s", exc)
             return 1
@@ -130,6 +144,7 @@ class Sidecar:
             opts.app_id, {}, _config_sink(app) if isinstance(app, HttpAppChannel) else None
         )
         self.resources = resources
+        self._wire(telemetry, app)
         meta = MetadataBlock(
             opts.app_id,
             lambda: list(self.loaded.views),
@@ -159,7 +174,15 @@ class Sidecar:
             bindings=self.bindings,
             configuration=self.configuration,
         )
+        api.tracer = telemetry.tracer
+        api.metrics = telemetry.metrics
+        api.omit_health_checks = omit_health
         api_server = HttpServer(api, max_body_size=opts.max_body_size)
+        metrics_server = (
+            HttpServer(metrics_handler(telemetry.metrics))
+            if telemetry.metrics is not None
+            else None
+        )
         internal_server = HttpServer(self._internal, max_body_size=opts.max_body_size)
         dapr_api = DaprApi(
             state=self.state,
@@ -198,6 +221,9 @@ class Sidecar:
                     max_message_size=opts.max_body_size,
                     api_token=api_token,
                     generic_handlers=[proxy],
+                    tracer=telemetry.tracer,
+                    metrics=telemetry.metrics,
+                    api_logging=api_logging,
                 )
             except OSError as exc:
                 log.critical("Fatal error from runtime: failed to start servers: %s", exc)
@@ -205,6 +231,22 @@ class Sidecar:
             log.info("HTTP server is running on port %d", self.http_port)
             log.info("gRPC server is running on port %d", self.grpc_port)
             log.info("Internal server (sidecar link) is running on port %d", self.internal_port)
+            if metrics_server is not None:
+                try:
+                    self.metrics_port = await metrics_server.start(
+                        opts.listen_addresses[0], opts.metrics_port
+                    )
+                    log.info("metrics server started on :%d/", self.metrics_port)
+                except OSError as exc:
+                    # daprd treats this as fatal too: a second sidecar on the default 9090.
+                    log.critical(
+                        "Fatal error from runtime: failed to start metrics server on port %d: %s",
+                        opts.metrics_port,
+                        exc,
+                    )
+                    return 1
+            if telemetry.tracer is not None:
+                self._tasks.append(asyncio.create_task(telemetry.tracer.run()))
             self.invoke.own_address = f"{opts.listen_addresses[0]}:{self.internal_port}"
 
             try:
@@ -215,6 +257,8 @@ class Sidecar:
                 log.critical("Fatal error from runtime: process component error: %s", exc)
                 return 1
             self.state.stores = dict(self.loaded.state)
+            if telemetry.metrics is not None:
+                telemetry.metrics.component_loaded(len(self.loaded.views))
             self.pubsub.pubsubs = dict(self.loaded.pubsub)
             try:  # the transactional outboxes' internal subscriptions (not the app's)
                 await Outbox(self.state, self.pubsub).start()
@@ -260,6 +304,8 @@ class Sidecar:
                 internal_server.close(grace),
                 grpc_server.stop(grace),
             )
+            if telemetry.tracer is not None:
+                await telemetry.tracer.close()  # what is still queued goes out before exit
             return 0
         finally:
             for t in self._tasks:
@@ -272,6 +318,8 @@ class Sidecar:
                     await session.close()
             await api_server.close(0)
             await internal_server.close(0)
+            if metrics_server is not None:
+                await metrics_server.close(0)
             if grpc_server is not None:
                 await grpc_server.stop(0)
             await proxy.close()
@@ -285,6 +333,27 @@ class Sidecar:
             if app is not None:
                 await app.close()
             log.info("Dapr runtime stopped")
+
+    def _wire(self, telemetry: Telemetry, app: AppChannel | None) -> None:
+        """Hand the tracer, metrics and resiliency policies to every block that uses them."""
+        t = telemetry
+        self.invoke.tracer = t.tracer
+        self.invoke.metrics = t.metrics
+        self.invoke.resiliency = t.resiliency
+        self.pubsub.tracer = t.tracer
+        self.pubsub.metrics = t.metrics
+        self.pubsub.resiliency = t.resiliency
+        self.state.metrics = t.metrics
+        self.state.resiliency = t.resiliency
+        self.bindings.metrics = t.metrics
+        self.bindings.resiliency = t.resiliency
+        self.secrets.metrics = t.metrics
+        self.secrets.resiliency = t.resiliency
+        self.configuration.metrics = t.metrics
+        self.configuration.resiliency = t.resiliency
+        self.lock.resiliency = t.resiliency
+        if isinstance(app, HttpAppChannel):
+            app.metrics = t.metrics
 
     async def _internal(self, req: Request) -> Response:
         target = req.path.encode("latin-1")

@@ -137,9 +137,10 @@ class HttpDeliverer:
             if key in (b"content-type", b"content-length", b"host", b"connection"):
                 continue
             headers.append((key, str(v).encode("utf-8", "replace")))
+        given = {k.lower() for k in d.metadata}
         for name in ("traceparent", "tracestate"):
             value = d.envelope.get(name)
-            if value:
+            if value and name not in given:
                 headers.append((name.encode(), str(value).encode()))
         try:
             resp = await self.app.invoke("POST", d.path.encode(), headers, ce.encode(d.envelope))

@@ -117,6 +117,7 @@ class Sidecar:
     http_port: int
     app_id: str
     grpc_port: int = 0
+    metrics_port: int = 0
 
     @property
     def base(self) -> str:
@@ -133,10 +134,12 @@ def start_sidecar(
     env: dict[str, str] | None = None,
     wait: str = "outbound",
     timeout: float = 15.0,
+    http_port: int = 0,
 ) -> Sidecar:
     """`python -m pillion sidecar` with free ports; waits for healthz/outbound (or healthz)."""
-    http_port = free_port()
+    http_port = http_port or free_port()  # given: an app started first already knows it
     grpc_port = free_port()
+    metrics_port = free_port()
     argv = [
         sys.executable,
         "-m",
@@ -149,7 +152,7 @@ def start_sidecar(
         "--dapr-grpc-port",
         str(grpc_port),
         "--metrics-port",
-        str(free_port()),
+        str(metrics_port),
         "--pillion-home",
         str(home),
     ]
@@ -171,7 +174,7 @@ def start_sidecar(
         raise TimeoutError(f"sidecar {app_id} not ready:\n{proc.output}") from None
     if proc.popen.poll() is not None:
         raise RuntimeError(f"sidecar {app_id} exited {proc.popen.returncode}:\n{proc.output}")
-    return Sidecar(proc, http_port, app_id, grpc_port)
+    return Sidecar(proc, http_port, app_id, grpc_port, metrics_port)
 
 
 def temp_home() -> Path:

@@ -17,6 +17,8 @@ FORBIDDEN = {
     "transport": {"blocks", "api", "runtime", "cli", "components", "coordination", "manifests"},
     "coordination": {"blocks", "api", "runtime", "cli", "components", "transport", "manifests"},
     "manifests": {"blocks", "api", "runtime", "cli", "components", "transport", "coordination"},
+    "observability": {"blocks", "api", "runtime", "cli", "components", "coordination"},
+    "resiliency": {"blocks", "api", "runtime", "cli", "components", "transport", "coordination"},
 }
 THIRD_PARTY_FORBIDDEN = {"blocks": {"grpc", "httptools", "aiohttp"}}
 

@@ -31,6 +31,7 @@ from google.protobuf import any_pb2, empty_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from pillion.api.grpc.errors import abort, make_status, status_code
+from pillion.api.grpc.telemetry import current_context, trace_metadata
 from pillion.blocks import cloudevents as ce
 from pillion.blocks.bindings import BindingsBlock
 from pillion.blocks.configuration import ConfigurationBlock
@@ -46,6 +47,7 @@ from pillion.blocks.invoke import (
     InvokeResponse,
     decode_grpc_message,
     response_headers,
+    set_trace_context,
 )
 from pillion.blocks.lock import LockBlock
 from pillion.blocks.metadata import MetadataBlock
@@ -453,6 +455,9 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
         if msg.data.type_url:
             headers.append((ANY_TYPE_HEADER, msg.data.type_url.encode()))
         headers.extend(_request_headers(context.invocation_metadata() or ()))
+        ctx = current_context.get()
+        if ctx is not None:
+            set_trace_context(headers, ctx)
         resp = await self.invoke.invoke(
             InvokeRequest(
                 app_id=request.id,
@@ -462,6 +467,7 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
                 headers=headers,
                 body=msg.data.value,
                 peer=_peer_ip(context.peer()),
+                protocol="grpc",
             )
         )
         # Dapr always sends the HTTP status and the callee's headers, also before an error.
@@ -754,18 +760,9 @@ class EventStream:
                     fut.set_result(ce.Result.RETRY)
 
 
-def _trace_context(md: Iterable[tuple[str, str | bytes]]) -> tuple[str, str]:
-    """The caller's W3C traceparent and tracestate from its invocation metadata."""
-    traceparent = tracestate = ""
-    for key, value in md:
-        if not isinstance(value, str):
-            continue
-        k = key.lower()
-        if k == "traceparent":
-            traceparent = value
-        elif k == "tracestate":
-            tracestate = value
-    return traceparent, tracestate
+def _trace_context(md: Sequence[tuple[str, str | bytes]]) -> tuple[str, str]:
+    """The W3C context downstream calls carry: the API span's, else the caller's own."""
+    return trace_metadata(md)
 
 
 # --- decoding -------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ import grpc
 from dapr.proto.runtime.v1 import dapr_pb2_grpc
 
 from pillion.api.grpc.dapr_api import DaprApi
+from pillion.api.grpc.telemetry import Instrumented
+from pillion.observability.dapr_metrics import DaprMetrics
+from pillion.observability.tracing import Tracer
 
 log = logging.getLogger("pillion.api.grpc.server")
 
@@ -59,10 +62,24 @@ class _GenericOnly:
     service has ~95 methods, which costs ~100 µs a call. A generic handler is a dict lookup.
     """
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        tracer: Tracer | None = None,
+        metrics: DaprMetrics | None = None,
+        api_logging: bool = False,
+    ) -> None:
         self._server = server
+        self._tracer = tracer
+        self._metrics = metrics
+        self._api_logging = api_logging
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        traced = self._tracer is not None and self._tracer.enabled
+        if traced or self._metrics is not None or self._api_logging:
+            handlers = tuple(
+                Instrumented(h, self._tracer, self._metrics, self._api_logging) for h in handlers
+            )
         self._server.add_generic_rpc_handlers(handlers)
 
     def add_registered_method_handlers(self, service: str, handlers: object) -> None:
@@ -77,6 +94,9 @@ async def start_grpc_server(
     max_message_size: int,
     api_token: str | None,
     generic_handlers: Sequence[grpc.GenericRpcHandler] = (),
+    tracer: Tracer | None = None,
+    metrics: DaprMetrics | None = None,
+    api_logging: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
     """Serve `dapr_api` (and `generic_handlers` for other services) on `port` of every host.
 
@@ -93,7 +113,9 @@ async def start_grpc_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    dapr_pb2_grpc.add_DaprServicer_to_server(dapr_api, _GenericOnly(server))  # type: ignore[no-untyped-call]
+    dapr_pb2_grpc.add_DaprServicer_to_server(
+        dapr_api, _GenericOnly(server, tracer, metrics, api_logging)
+    )  # type: ignore[no-untyped-call]
     # Registered after the Dapr service, so they only see calls for other services.
     if generic_handlers:
         server.add_generic_rpc_handlers(tuple(generic_handlers))

@@ -15,13 +15,20 @@ from pillion.api.http import codec
 from pillion.blocks.bindings import BindingsBlock
 from pillion.blocks.configuration import ConfigurationBlock
 from pillion.blocks.health import Health
-from pillion.blocks.invoke import InvokeBlock, InvokeRequest
+from pillion.blocks.invoke import InvokeBlock, InvokeRequest, set_trace_context, trace_context
 from pillion.blocks.lock import LockBlock
 from pillion.blocks.metadata import MetadataBlock
 from pillion.blocks.pubsub import PubSubBlock
 from pillion.blocks.secrets import SecretsBlock
 from pillion.blocks.state import StateBlock
 from pillion.errors import Code, GrpcCode, PillionError, direct_invoke, unimplemented
+from pillion.observability.dapr_metrics import DaprMetrics
+from pillion.observability.tracing import (
+    SERVER,
+    SharedAttributes,
+    Span,
+    Tracer,
+)
 from pillion.transport.http import Request, Response
 
 log = logging.getLogger("pillion.api.http")
@@ -56,7 +63,10 @@ class HttpApi:
     bindings: BindingsBlock | None = None
     configuration: ConfigurationBlock | None = None
     api_logging: bool = False
+    omit_health_checks: bool = False  # logging.apiLogging.omitHealthChecks
     api_token: str | None = None
+    tracer: Tracer | None = None
+    metrics: DaprMetrics | None = None
 
     @classmethod
     def with_env(cls, **kw: object) -> HttpApi:
@@ -65,18 +75,42 @@ class HttpApi:
         return api
 
     async def __call__(self, req: Request) -> Response:
-        if not self.api_logging:
+        tracer = self.tracer
+        metrics = self.metrics
+        if tracer is None and metrics is None and not self.api_logging:
             return await self._route(req)
         t0 = time.perf_counter()
-        resp = await self._route(req)
-        api_log.info(
-            'HTTP API Called method="%s %s" code=%d duration=%.3fms useragent="%s"',
-            req.method,
-            req.path,
-            resp.status,
-            (time.perf_counter() - t0) * 1000,
-            (req.header(b"user-agent") or b"").decode("latin-1"),
-        )
+        span: Span | None = None
+        if tracer is not None and tracer.enabled and not req.path.startswith(_HEALTH):
+            span, ctx = tracer.start(req.path, trace_context(req.headers), SERVER)
+            if ctx is not None:
+                # What this call does next (invoke, publish, bindings) continues this trace.
+                traceparent = set_trace_context(req.headers, ctx)
+                resp = await self._route(req)
+                resp.headers = [*resp.headers, (b"traceparent", traceparent)]
+            else:
+                resp = await self._route(req)
+            if span is not None:
+                _end_api_span(span, req, resp)
+        else:
+            resp = await self._route(req)
+        ms = (time.perf_counter() - t0) * 1000
+        if metrics is not None:
+            metrics.http_server(
+                req.method, req.path, resp.status, ms, len(req.body), len(resp.body)
+            )
+        if self.api_logging and not (self.omit_health_checks and req.path.startswith(_HEALTH)):
+            api_log.info(
+                "HTTP API Called",
+                extra={
+                    "fields": {
+                        "method": f"{req.method} {req.path}",
+                        "code": resp.status,
+                        "duration": round(ms, 3),
+                        "useragent": (req.header(b"user-agent") or b"").decode("latin-1"),
+                    }
+                },
+            )
         return resp
 
     async def _route(self, req: Request) -> Response:
@@ -371,6 +405,46 @@ class HttpApi:
 class _Unauthorized(PillionError):
     def __init__(self) -> None:
         super().__init__("ERR_UNAUTHORIZED", "invalid api token", 401, GrpcCode.UNAUTHENTICATED)
+
+
+_HEALTH = "/v1.0/healthz"
+
+
+# (method, path, status, dapr-app-id header) -> (span name, attributes): the same routes recur,
+# so most API spans share a name and one attributes dict (which nothing changes once set).
+_API_SPANS: dict[tuple[str, str, int, bytes | None], tuple[str, SharedAttributes]] = {}
+_API_SPANS_MAX = 4096
+
+
+def _api_span_shape(
+    method: str, path: str, status: int, app: bytes | None
+) -> tuple[str, SharedAttributes]:
+    """daprd's attributes, and its name for invocation: CallLocal/{appId}/{method}."""
+    name = path
+    attributes = SharedAttributes(
+        {"dapr.api": f"{method} {path}", "dapr.protocol": "http", "dapr.status_code": status}
+    )
+    if path.startswith("/v1.0/invoke/"):
+        app_id, _, rest = path[13:].partition("/")
+        target = rest[7:] if rest.startswith("method/") else rest
+        name = f"CallLocal/{unquote(app_id)}/{target}"
+        attributes["dapr.invoke_method"] = target
+    elif app is not None:
+        name = f"CallLocal/{app.decode('utf-8', 'replace')}{path}"
+        attributes["dapr.invoke_method"] = path[1:]
+    return name, attributes
+
+
+def _end_api_span(span: Span, req: Request, resp: Response) -> None:
+    status = resp.status
+    key = (req.method, req.path, status, req.header(b"dapr-app-id"))
+    shape = _API_SPANS.get(key)
+    if shape is None:
+        shape = _api_span_shape(*key)
+        if len(_API_SPANS) < _API_SPANS_MAX:
+            _API_SPANS[key] = shape
+    span.name, span.attributes = shape
+    span.end(f"status {status}" if status >= 400 else None)
 
 
 def _trace_headers(req: Request) -> dict[str, str]:

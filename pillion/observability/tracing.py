@@ -1,0 +1,564 @@
+"""Trace context (W3C traceparent, grpc-trace-bin), Dapr's sampler, spans and the tracer."""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import random
+import re
+import time
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from pillion.observability.exporters import Exporter
+
+
+@runtime_checkable
+class Staging(Protocol):
+    """An exporter that encodes spans as they come (while they are fresh in memory) and sends
+    what it holds in one request later: the tracer stages small batches, sends big ones."""
+
+    @property
+    def staged(self) -> int:
+        """Spans encoded and not sent yet."""
+        ...
+
+    def stage(self, spans: Sequence[Span], service_name: str) -> None: ...
+
+    async def send(self, service_name: str) -> None: ...
+
+
+__all__ = [
+    "CLIENT",
+    "CONSUMER",
+    "INTERNAL",
+    "KIND_NAMES",
+    "PRODUCER",
+    "SERVER",
+    "Attribute",
+    "SharedAttributes",
+    "Span",
+    "SpanContext",
+    "Staging",
+    "Tracer",
+    "format_grpc_trace_bin",
+    "format_traceparent",
+    "parse_grpc_trace_bin",
+    "parse_traceparent",
+    "parse_tracestate",
+    "sampling_rate",
+]
+
+_log = logging.getLogger("pillion.observability.tracing")
+
+# OTLP SpanKind numbers, so the encoder writes them as they are.
+INTERNAL = 1
+SERVER = 2
+CLIENT = 3
+PRODUCER = 4
+CONSUMER = 5
+KIND_NAMES: dict[int, str] = {
+    INTERNAL: "INTERNAL",
+    SERVER: "SERVER",
+    CLIENT: "CLIENT",
+    PRODUCER: "PRODUCER",
+    CONSUMER: "CONSUMER",
+}
+
+Attribute = str | int | float | bool
+
+# Dapr's rate when samplingRate is absent or unparsable (pkg/diagnostics/utils).
+DEFAULT_SAMPLING_RATE = 0.0001
+
+_ZERO_TRACE = bytes(16)
+_ZERO_SPAN = bytes(8)
+_MASK64 = (1 << 64) - 1
+_getrandbits = random.getrandbits
+_time_ns = time.time_ns
+_hexlify = binascii.hexlify
+_unhexlify = binascii.unhexlify
+
+# version "-" trace-id "-" parent-id "-" flags, lowercase hex only (W3C trace-context §3.2).
+_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# One tracestate list-member (W3C trace-context §3.3.1): simple or multi-tenant key, then value.
+_TS_MEMBER = re.compile(
+    r"(?:[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+)
+_TS_MAX_MEMBERS = 32
+_OWS = " \t"
+
+
+class SpanContext:
+    """The part of a span that crosses process boundaries; immutable by convention."""
+
+    __slots__ = ("sampled", "span_id", "trace_id", "tracestate")
+
+    trace_id: bytes
+    span_id: bytes
+    sampled: bool
+    tracestate: str
+
+    def __init__(
+        self, trace_id: bytes, span_id: bytes, sampled: bool, tracestate: str = ""
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.sampled = sampled
+        self.tracestate = tracestate
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SpanContext):
+            return NotImplemented
+        return (
+            self.trace_id == other.trace_id
+            and self.span_id == other.span_id
+            and self.sampled == other.sampled
+            and self.tracestate == other.tracestate
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.trace_id, self.span_id, self.sampled, self.tracestate))
+
+    def __repr__(self) -> str:
+        return (
+            f"SpanContext({self.trace_id.hex()}, {self.span_id.hex()}, "
+            f"sampled={self.sampled}, tracestate={self.tracestate!r})"
+        )
+
+
+# ---- W3C trace context ------------------------------------------------------------------------
+
+
+def parse_traceparent(
+    value: bytes | str | None, tracestate: bytes | str | None = None
+) -> SpanContext | None:
+    """Decode a W3C traceparent (and its tracestate); None when absent or invalid.
+
+    Future versions are read as version 00 is, as the spec asks: the first four fields must be
+    well formed and anything after them must start with "-".
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = value.encode("ascii")
+        except UnicodeEncodeError:
+            return None
+    size = len(value)
+    if size != 55:  # the common case skips the strip
+        value = value.strip(b" \t")
+        size = len(value)
+        if size < 55:
+            return None
+    if _TRACEPARENT.match(value) is None:
+        return None
+    version = value[:2]
+    if version == b"00":
+        if size != 55:
+            return None
+    elif version == b"ff" or (size > 55 and value[55] != 0x2D):  # "-" after the known fields
+        return None
+    trace_id = _unhexlify(value[3:35])
+    span_id = _unhexlify(value[36:52])
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
+    sampled = value[54] in b"13579bdf"  # the low bit of the flags byte
+    state = parse_tracestate(tracestate) if tracestate else ""
+    return SpanContext(trace_id, span_id, sampled, state)
+
+
+def parse_tracestate(value: bytes | str | None) -> str:
+    """Normalise a tracestate header; "" when absent or invalid (the spec says drop it whole)."""
+    if not value:
+        return ""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return ""
+    members: list[str] = []
+    keys: set[str] = set()
+    for part in value.split(","):
+        member = part.strip(_OWS)
+        if not member:
+            continue  # empty list-members are allowed and ignored
+        if _TS_MEMBER.fullmatch(member) is None:
+            return ""
+        key = member.partition("=")[0]
+        if key in keys:
+            return ""
+        keys.add(key)
+        members.append(member)
+    if len(members) > _TS_MAX_MEMBERS:
+        return ""
+    return ",".join(members)
+
+
+def format_traceparent(ctx: SpanContext) -> bytes:
+    """Encode `ctx` as a version 00 traceparent value."""
+    return b"00-%s-%s-%s" % (
+        _hexlify(ctx.trace_id),
+        _hexlify(ctx.span_id),
+        b"01" if ctx.sampled else b"00",
+    )
+
+
+# ---- grpc-trace-bin (OpenCensus binary format) ------------------------------------------------
+
+
+def parse_grpc_trace_bin(value: bytes | None) -> SpanContext | None:
+    """Decode OpenCensus' binary trace context as gRPC clients send it; None when invalid.
+
+    Version 0 only: field 0 (trace id) is required, field 1 (span id) and field 2 (options)
+    follow in that order, as OpenCensus and Dapr read them.
+    """
+    if not value or value[0] != 0 or len(value) < 18 or value[1] != 0:
+        return None
+    trace_id = bytes(value[2:18])
+    rest = value[18:]
+    span_id = _ZERO_SPAN
+    if len(rest) >= 9 and rest[0] == 1:
+        span_id = bytes(rest[1:9])
+        rest = rest[9:]
+    sampled = len(rest) >= 2 and rest[0] == 2 and bool(rest[1] & 1)
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
+    return SpanContext(trace_id, span_id, sampled)
+
+
+def format_grpc_trace_bin(ctx: SpanContext) -> bytes:
+    """Encode `ctx` in OpenCensus' binary format (29 bytes)."""
+    return b"".join(
+        (
+            b"\x00\x00",
+            ctx.trace_id,
+            b"\x01",
+            ctx.span_id,
+            b"\x02\x01" if ctx.sampled else b"\x02\x00",
+        )
+    )
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+
+def sampling_rate(value: object) -> float:
+    """Configuration spec.tracing.samplingRate as Dapr reads it.
+
+    Absent or unparsable means Dapr's default 0.0001; the result is clamped to [0, 1].
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return DEFAULT_SAMPLING_RATE
+    try:
+        rate = float(value)
+    except ValueError:
+        return DEFAULT_SAMPLING_RATE
+    if rate != rate:  # NaN
+        return DEFAULT_SAMPLING_RATE
+    return min(max(rate, 0.0), 1.0)
+
+
+# ---- spans ------------------------------------------------------------------------------------
+
+
+class SharedAttributes(dict[str, Attribute]):
+    """Attributes that many spans share (one per route, say) and nobody changes once made:
+    exporters may keep their encoding on the object."""
+
+    __slots__ = ("encoded",)
+
+    def __init__(self, *args: object, **kwargs: Attribute) -> None:
+        super().__init__(*args, **kwargs)
+        self.encoded: bytes | None = None
+
+
+class Span:
+    """One sampled operation; end() hands it to its tracer's export queue."""
+
+    __slots__ = (
+        "_tracer",
+        "attributes",
+        "context",
+        "end_ns",
+        "kind",
+        "name",
+        "parent_id",
+        "start_ns",
+        "status_code",
+        "status_message",
+    )
+
+    name: str
+    context: SpanContext
+    parent_id: bytes
+    kind: int
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Attribute]
+    status_code: int
+    status_message: str
+
+    def __init__(
+        self,
+        tracer: Tracer | None,
+        name: str,
+        context: SpanContext,
+        parent_id: bytes,
+        kind: int,
+        start_ns: int,
+    ) -> None:
+        self._tracer = tracer
+        self.name = name
+        self.context = context
+        self.parent_id = parent_id
+        self.kind = kind
+        self.start_ns = start_ns
+        self.end_ns = 0
+        self.attributes = {}
+        self.status_code = 0
+        self.status_message = ""
+
+    def set(self, key: str, value: Attribute) -> None:
+        """Set one attribute (last write wins)."""
+        self.attributes[key] = value
+
+    def end(self, error: str | None = None) -> None:
+        """Stamp the end time, mark an error if given, and queue the span for export (once)."""
+        if self.end_ns:
+            return
+        self.end_ns = _time_ns()
+        if error is not None:
+            self.status_code = 2
+            self.status_message = error
+        tracer = self._tracer
+        if tracer is None:
+            return
+        queue = tracer._queue
+        size = len(queue)
+        if size >= tracer._max_queue:
+            tracer.dropped += 1  # never block the request path: drop the newest
+            return
+        queue.append(self)
+        if size + 1 == tracer._stage_size:
+            tracer._wake.set()
+
+    def __repr__(self) -> str:
+        return (
+            f"Span({self.name!r}, kind={KIND_NAMES.get(self.kind, self.kind)}, "
+            f"trace={self.context.trace_id.hex()}, span={self.context.span_id.hex()}, "
+            f"parent={self.parent_id.hex()}, status={self.status_code})"
+        )
+
+
+class Tracer:
+    """Starts spans with Dapr's sampler and exports ended ones in batches from run()."""
+
+    __slots__ = (
+        "_batch_size",
+        "_bound",
+        "_closed",
+        "_exporters",
+        "_flush_interval",
+        "_lock",
+        "_max_queue",
+        "_queue",
+        "_stage_size",
+        "_staging",
+        "_wake",
+        "_warned_at",
+        "dropped",
+        "enabled",
+        "sampling_rate",
+        "service_name",
+    )
+
+    def __init__(
+        self,
+        service_name: str,
+        sampling_rate: float,
+        exporters: Sequence[Exporter] = (),
+        *,
+        flush_interval: float = 1.0,
+        batch_size: int = 512,
+        max_queue: int = 8192,
+        stage_size: int = 64,
+    ) -> None:
+        if batch_size < 1 or max_queue < 1 or flush_interval <= 0 or stage_size < 1:
+            raise ValueError(
+                "batch_size, stage_size, max_queue and flush_interval must be positive"
+            )
+        self.service_name = service_name
+        self.sampling_rate = sampling_rate
+        self.enabled = sampling_rate > 0
+        # TraceIDRatioBased as OpenTelemetry computes it, so pillion and daprd sidecars with the
+        # same rate make the same decision for a trace: sample when the trace id's low 64 bits
+        # (bytes 8..16, big-endian) shifted right once fall under rate * 2**63, i.e. when the
+        # low 64 bits are under rate * 2**64 (a bound of 2**64 samples everything).
+        rate = min(max(sampling_rate, 0.0), 1.0)
+        self._bound = 1 << 64 if rate >= 1 else int(rate * (1 << 63)) << 1
+        self._exporters = tuple(exporters)
+        # Exporters that can encode early and send later (Staging): they get every
+        # `stage_size` spans while those are still fresh in memory, and send `batch_size` at once.
+        self._staging = tuple(e for e in self._exporters if isinstance(e, Staging))
+        self._stage_size = min(stage_size, batch_size) if self._staging else batch_size
+        self._flush_interval = flush_interval
+        self._batch_size = batch_size
+        self._max_queue = max_queue
+        self._queue: list[Span] = []
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self._warned_at = -1e9
+        self.dropped = 0
+
+    def start(
+        self, name: str, parent: SpanContext | None, kind: int = INTERNAL
+    ) -> tuple[Span | None, SpanContext | None]:
+        """Start a span under `parent` (None: a new trace).
+
+        Returns the span (None when unsampled: nothing is built) and the context to send
+        downstream, a child of `parent` with a fresh span id. Disabled tracing returns
+        (None, parent) and does nothing else.
+        """
+        if not self.enabled:
+            return None, parent
+        if parent is None:
+            bits = _getrandbits(128) or _nonzero(128)
+            sampled = (bits & _MASK64) < self._bound
+            trace_id = bits.to_bytes(16, "big")
+            tracestate = ""
+            parent_id = b""
+        else:
+            sampled = parent.sampled
+            trace_id = parent.trace_id
+            tracestate = parent.tracestate
+            parent_id = parent.span_id
+        ctx = SpanContext(
+            trace_id, (_getrandbits(64) or _nonzero(64)).to_bytes(8, "big"), sampled, tracestate
+        )
+        if not sampled:
+            return None, ctx
+        return Span(self, name, ctx, parent_id, kind, _time_ns()), ctx
+
+    @property
+    def queued(self) -> int:
+        """Spans ended and waiting for export."""
+        return len(self._queue)
+
+    async def run(self) -> None:
+        """Export queued spans every flush_interval, or as soon as batch_size are queued
+        (staging exporters: encode every stage_size, send every batch_size or interval).
+
+        Runs until close(); owned by the runtime's task group.
+        """
+        wake = self._wake
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self._flush_interval
+        while not self._closed:
+            if len(self._queue) < self._stage_size:
+                wake.clear()
+                try:
+                    async with asyncio.timeout_at(due):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+                if self._closed:
+                    return
+            if loop.time() >= due:
+                due = loop.time() + self._flush_interval
+                await self.flush()
+            else:
+                await self._stage_queued()
+
+    async def _stage_queued(self) -> None:
+        """Hand what is queued to the exporters: staging ones encode it now and send when they
+        hold batch_size spans; the others get it in batch_size chunks at once."""
+        async with self._lock:
+            queue = self._queue
+            if not queue:
+                return
+            self._queue = []
+            if not self._exporters:
+                return
+            size = self._batch_size
+            others = [e for e in self._exporters if not isinstance(e, Staging)]
+            if others:
+                for i in range(0, len(queue), size):
+                    await self._export(queue[i : i + size], others)
+            if not self._staging:
+                return
+            # A request never carries more than batch_size spans.
+            step = min(self._stage_size, size)
+            for i in range(0, len(queue), step):
+                chunk = queue[i : i + step]
+                for exporter in self._staging:
+                    exporter.stage(chunk, self.service_name)
+                full = [e for e in self._staging if e.staged + step > size]
+                if full:
+                    await self._send(full)
+
+    async def flush(self) -> None:
+        """Export everything queued or staged now, batch_size spans per export call."""
+        await self._stage_queued()
+        async with self._lock:
+            staged = [e for e in self._staging if e.staged]
+            if staged:
+                await self._send(staged)
+
+    async def _send(self, exporters: Sequence[Staging]) -> None:
+        await asyncio.gather(
+            *(self._guard(e, e.staged, e.send(self.service_name)) for e in exporters)
+        )
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Stop run(), flush what is queued (bounded by `timeout`) and close the exporters."""
+        if self._closed:
+            return
+        self._closed = True
+        self._max_queue = 0  # spans that end from now on are dropped (and counted), not kept
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.flush()
+        except TimeoutError:
+            _log.warning(
+                "tracing: spans still queued after %.1fs at shutdown were dropped", timeout
+            )
+        self._queue = []
+        for exporter in self._exporters:
+            try:
+                async with asyncio.timeout(timeout):
+                    await exporter.close()
+            except Exception as exc:
+                _log.warning("tracing: closing %s failed: %s", type(exporter).__name__, exc)
+
+    async def _export(self, batch: list[Span], exporters: Sequence[Exporter]) -> None:
+        await asyncio.gather(
+            *(self._guard(e, len(batch), e.export(batch, self.service_name)) for e in exporters)
+        )
+
+    async def _guard(self, exporter: object, spans: int, call: Awaitable[None]) -> None:
+        # Exporters report their own failures; this guards the loop against a broken one.
+        try:
+            await call
+        except Exception as exc:
+            now = time.monotonic()
+            if now - self._warned_at >= 60.0:
+                self._warned_at = now
+                _log.warning(
+                    "tracing: %s failed, %d spans dropped: %r",
+                    type(exporter).__name__,
+                    spans,
+                    exc,
+                )
+
+
+def _nonzero(bits: int) -> int:
+    # All-zero ids are invalid in W3C trace context; getrandbits returns 0 about never.
+    value = 0
+    while not value:
+        value = _getrandbits(bits)
+    return value
