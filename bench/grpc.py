@@ -139,6 +139,12 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16, help="calls in flight")
     ap.add_argument("--channels", type=int, default=1, help="client channels (connections)")
     ap.add_argument("--no-sdk", action="store_true", help="skip the dapr.ext.grpc.App row")
+    ap.add_argument(
+        "--sidecar-flag",
+        action="append",
+        default=[],
+        help="extra flag for the sidecars, e.g. --sidecar-flag=--enable-metrics=false",
+    )
     args = ap.parse_args()
     # The sidecars run `python -m pillion`, which puts the cwd first on sys.path: never bench/.
     os.chdir(ROOT)
@@ -167,7 +173,13 @@ def main() -> int:
             resources=resources,
             app_port=app_port,
             # start_sidecar passes a free --dapr-grpc-port it does not return; the last one wins.
-            extra=["--app-protocol", "grpc", "--dapr-grpc-port", str(grpc_port)],
+            extra=[
+                "--app-protocol",
+                "grpc",
+                "--dapr-grpc-port",
+                str(grpc_port),
+                *args.sidecar_flag,
+            ],
             wait="ready",
         )
         procs.append(side.proc)

@@ -107,7 +107,7 @@ def observed_ratio(home: Path, tmp: Path, app_port: int, c: int, s: int) -> tupl
         wrk(plain_url, connections=c, seconds=2)
         wrk(traced_url, connections=c, seconds=2)
         offs, ons = [], []
-        for _ in range(2):
+        for _ in range(3):
             offs.append(wrk(plain_url, connections=c, seconds=s))
             ons.append(wrk(traced_url, connections=c, seconds=s))
         off = max(r.rps for r in offs)
@@ -116,7 +116,11 @@ def observed_ratio(home: Path, tmp: Path, app_port: int, c: int, s: int) -> tupl
         got = urllib.request.urlopen(f"http://127.0.0.1:{sink_port}/", timeout=5).read().split()
         ratio = on / off
         print()
-        print(f"tracing (sampling 1, OTLP/HTTP) + metrics vs both off, {c} connections, best of 2")
+        print(f"tracing (sampling 1, OTLP/HTTP) + metrics vs both off, {c} connections, best of 3")
+        print(
+            "rounds (off/on req/s): "
+            + ", ".join(f"{a.rps:.0f}/{b.rps:.0f}" for a, b in zip(offs, ons, strict=True))
+        )
         print(f"{'two sidecars, tracing+metrics off':34} {off:9.0f} req/s")
         print(f"{'two sidecars, tracing+metrics on':34} {on:9.0f} req/s")
         print(f"spans exported: {int(got[1]) // 1024} KiB in {int(got[0])} posts")

@@ -74,6 +74,9 @@ GRPC_MESSAGE_HEADER = b"pillion-grpc-message"
 GRPC_DETAILS_HEADER = b"pillion-grpc-details"  # base64 of a google.rpc.Status
 # InvokeService without an HTTP verb: an HTTP app cannot take it (InvalidArgument at the callee).
 NO_VERB_HEADER = b"pillion-no-http-verb"
+# On an answer that a gRPC app gave: a gRPC caller then gets the app's headers as they are,
+# without `dapr-http-status` (daprd sets that only for HTTP apps).
+APP_PROTOCOL_HEADER = b"pillion-app-protocol"
 
 
 def encode_grpc_message(text: str) -> bytes:
@@ -463,6 +466,6 @@ class InvokeBlock:
 
 def _failed(resp: InvokeResponse) -> bool:
     """Dapr's rule: an app's answer outside 2xx/3xx is a failure (a gRPC app's never is)."""
-    if header_value(resp.headers, GRPC_STATUS_HEADER) is not None:
+    if header_value(resp.headers, APP_PROTOCOL_HEADER) is not None:
         return False
     return not 200 <= resp.status < 400

@@ -384,7 +384,7 @@ class Tracer:
         flush_interval: float = 1.0,
         batch_size: int = 512,
         max_queue: int = 8192,
-        stage_size: int = 64,
+        stage_size: int = 512,
     ) -> None:
         if batch_size < 1 or max_queue < 1 or flush_interval <= 0 or stage_size < 1:
             raise ValueError(

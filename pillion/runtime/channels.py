@@ -88,6 +88,7 @@ class HttpAppChannel:
         self._token = app_token.encode() if app_token else None
         self.healthy = True
         self.metrics: DaprMetrics | None = None  # dapr_http_client_* for calls to the app
+        self._paths: dict[bytes, str] = {}  # request target -> the path label, bounded
 
     async def invoke(
         self, verb: str, target: bytes, headers: Headers, body: bytes
@@ -121,9 +122,14 @@ class HttpAppChannel:
                 f"app at {self.host}:{self.port}: {exc or type(exc).__name__}"
             ) from exc
         if metrics is not None:
+            path = self._paths.get(target)
+            if path is None:
+                path = target.split(b"?", 1)[0].decode("latin-1")
+                if len(self._paths) < 4096:
+                    self._paths[target] = path
             metrics.http_client(
                 verb,
-                target.split(b"?", 1)[0].decode("latin-1"),
+                path,
                 r.status,
                 (time.perf_counter() - t0) * 1000,
                 len(body),

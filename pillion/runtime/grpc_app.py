@@ -24,6 +24,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from pillion.blocks.invoke import (
     ANY_TYPE_HEADER,
+    APP_PROTOCOL_HEADER,
     GRPC_DETAILS_HEADER,
     GRPC_MESSAGE_HEADER,
     GRPC_STATUS_HEADER,
@@ -256,6 +257,7 @@ def error_response(exc: grpc.aio.AioRpcError) -> InvokeResponse:
         st = status_pb2.Status(code=number, message=message)
     status = HTTP_STATUS.get(code, 500)
     headers: Headers = [
+        (APP_PROTOCOL_HEADER, b"grpc"),
         (b"content-type", b"application/json"),
         (GRPC_STATUS_HEADER, str(number).encode()),
         (GRPC_MESSAGE_HEADER, encode_grpc_message(message)),
@@ -415,7 +417,7 @@ class GrpcAppChannel:
             return error_response(exc)
         except grpc.RpcError as exc:  # a non-call error from grpc (e.g. a usage error)
             raise CallFailed(f"{where}: {exc}") from exc
-        headers: Headers = []
+        headers: Headers = [(APP_PROTOCOL_HEADER, b"grpc")]
         if resp.content_type:
             headers.append((b"content-type", resp.content_type.encode("utf-8")))
         headers += _from_metadata(initial)

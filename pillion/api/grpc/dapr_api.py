@@ -37,6 +37,7 @@ from pillion.blocks.bindings import BindingsBlock
 from pillion.blocks.configuration import ConfigurationBlock
 from pillion.blocks.invoke import (
     ANY_TYPE_HEADER,
+    APP_PROTOCOL_HEADER,
     GRPC_DETAILS_HEADER,
     GRPC_MESSAGE_HEADER,
     GRPC_STATUS_HEADER,
@@ -470,8 +471,12 @@ class DaprApi(dapr_pb2_grpc.DaprServicer):
                 protocol="grpc",
             )
         )
-        # Dapr always sends the HTTP status and the callee's headers, also before an error.
-        await context.send_initial_metadata(_response_metadata(resp))
+        # Dapr sends the HTTP status and the callee's headers, also before an error. With
+        # nothing to send (a gRPC app's bare answer) the response goes without a separate
+        # metadata batch: the headers ride with the message, as grpc-go sends them.
+        md = _response_metadata(resp)
+        if md:
+            await context.send_initial_metadata(md)
         failure = _failure_status(resp)
         if failure is not None:
             await context.abort_with_status(failure)
@@ -825,12 +830,17 @@ def _md_value_ok(value: str) -> bool:
 
 
 def _response_metadata(resp: InvokeResponse) -> list[tuple[str, str]]:
-    """`dapr-http-status` plus the callee's headers as gRPC metadata, named as Dapr names them."""
-    md: list[tuple[str, str]] = [("dapr-http-status", str(resp.status))]
+    """The callee's headers as gRPC metadata, named as Dapr names them; `dapr-http-status`
+    first when an HTTP app (or a sidecar) answered. A gRPC app's content type travels in the
+    message, not in the metadata."""
+    grpc_app = _has_header(resp.headers, APP_PROTOCOL_HEADER)
+    md: list[tuple[str, str]] = [] if grpc_app else [("dapr-http-status", str(resp.status))]
     for raw_key, raw_value in response_headers(resp.headers):
         key = raw_key.decode("latin-1").lower()
         value = raw_value.decode("latin-1")
         if key.startswith((_INTERNAL_PREFIX, "grpc-", ":")) or key.endswith("-bin"):
+            continue
+        if grpc_app and key == "content-type":
             continue
         if key in _PERMANENT:
             key = "dapr-" + key

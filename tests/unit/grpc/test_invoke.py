@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from pillion.blocks.invoke import (
     ANY_TYPE_HEADER,
+    APP_PROTOCOL_HEADER,
     GRPC_DETAILS_HEADER,
     GRPC_MESSAGE_HEADER,
     GRPC_STATUS_HEADER,
@@ -237,3 +238,29 @@ def test_block_error_is_encoded(sidecar: GrpcSidecar) -> None:
     err, _ = invoke_error(sidecar, request(app="ghost"))
     assert err.code() == grpc.StatusCode.INTERNAL
     assert err.details() == "failed to invoke, id: ghost, err: couldn't find service: ghost"
+
+
+def test_grpc_app_answer_has_its_headers_only(sidecar: GrpcSidecar) -> None:
+    """daprd sets dapr-http-status only for HTTP apps; a gRPC app's headers go as they are
+    and its content type travels in the message."""
+    answer(
+        sidecar,
+        200,
+        [
+            (APP_PROTOCOL_HEADER, b"grpc"),
+            (b"content-type", b"application/x-protobuf"),
+            (b"x-reply", b"1"),
+        ],
+        b"\x08\x01",
+    )
+    resp, md = invoke(sidecar, request())
+    assert resp.content_type == "application/x-protobuf"
+    assert md.get("x-reply") == "1"
+    assert "dapr-http-status" not in md and "content-type" not in md
+
+
+def test_grpc_app_bare_answer_sends_no_metadata(sidecar: GrpcSidecar) -> None:
+    answer(sidecar, 200, [(APP_PROTOCOL_HEADER, b"grpc")], b"ok")
+    resp, md = invoke(sidecar, request())
+    assert resp.data.value == b"ok"
+    assert not [k for k in md if not k.startswith(("grpc-", ":"))], md

@@ -147,7 +147,11 @@ def test_sdk_echo_round_trip(sdk_apps: dict[str, int], loop: str) -> None:
 
     resp = run(main(), loop)
     assert (resp.status, resp.reason, resp.body) == (200, b"OK", b"hello")
-    assert resp.headers[0] == (b"content-type", b"text/plain")
+    # Marked as a gRPC app's answer, for gRPC callers (no dapr-http-status, as daprd).
+    assert resp.headers[:2] == [
+        (b"pillion-app-protocol", b"grpc"),
+        (b"content-type", b"text/plain"),
+    ]
     assert header(resp, b"x-echo") == b"yes"
     assert header(resp, ANY_TYPE_HEADER) is None
 
@@ -332,6 +336,7 @@ def test_request_mapping_and_any_round_trip() -> None:
     assert requests[2][0].http_extension.verb == common_pb2.HTTPExtension.NONE
     assert resp.status == 200 and resp.body == b"\x08\x01"
     assert resp.headers == [
+        (b"pillion-app-protocol", b"grpc"),
         (b"content-type", b"application/x-protobuf"),
         (b"x-reply", b"1"),  # initial metadata; the -bin entry is not an HTTP header
         (ANY_TYPE_HEADER, b"type.googleapis.com/my.Msg"),
