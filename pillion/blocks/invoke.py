@@ -22,7 +22,7 @@ from pillion.resiliency import CircuitOpen
 
 if TYPE_CHECKING:
     from pillion.observability.dapr_metrics import DaprMetrics
-    from pillion.observability.tracing import Tracer
+    from pillion.observability.tracing import Span, Tracer
     from pillion.resiliency import Resiliency
 
 log = logging.getLogger("pillion.blocks.invoke")
@@ -161,17 +161,6 @@ class AppChannel(Protocol):
     ) -> InvokeResponse: ...
 
 
-def trace_context(headers: Headers) -> SpanContext | None:
-    """The W3C context a request's headers carry (None: none, or not valid)."""
-    traceparent = tracestate = None
-    for k, v in headers:
-        if k == b"traceparent":
-            traceparent = v
-        elif k == b"tracestate":
-            tracestate = v
-    return None if traceparent is None else parse_traceparent(traceparent, tracestate)
-
-
 def set_trace_context(headers: Headers, ctx: SpanContext) -> bytes:
     """Make `headers` (changed in place) carry `ctx`: its traceparent, and its tracestate when
     they had none (a child keeps its parent's tracestate, so an existing one stays right).
@@ -189,6 +178,34 @@ def set_trace_context(headers: Headers, ctx: SpanContext) -> bytes:
     if ctx.tracestate and not has_state:
         headers.append((b"tracestate", ctx.tracestate.encode("latin-1")))
     return traceparent
+
+
+def continue_trace(
+    tracer: Tracer, headers: Headers, name: str, kind: int
+) -> tuple[Span | None, bytes | None]:
+    """Start a span under the context `headers` carry and make them (in place) carry the span's
+    own context on; one pass over the headers. Returns the span (None: not sampled) and the
+    traceparent value sent on (None: tracing is off)."""
+    at = -1
+    traceparent = tracestate = None
+    for i, (k, v) in enumerate(headers):
+        if k == b"traceparent":
+            at = i
+            traceparent = v
+        elif k == b"tracestate":
+            tracestate = v
+    parent = None if traceparent is None else parse_traceparent(traceparent, tracestate)
+    span, ctx = tracer.start(name, parent, kind)
+    if ctx is None:
+        return span, None
+    value = format_traceparent(ctx)
+    if at >= 0:
+        headers[at] = (b"traceparent", value)
+    else:
+        headers.append((b"traceparent", value))
+    if ctx.tracestate and tracestate is None:
+        headers.append((b"tracestate", ctx.tracestate.encode("latin-1")))
+    return span, value
 
 
 def header_value(headers: Headers, name: bytes) -> bytes | None:
@@ -400,9 +417,7 @@ class InvokeBlock:
         if tracer is not None and tracer.enabled:
             # daprd's model: one server span covers the hop and the call to the app, and the app
             # gets its context (a call to the own app continues the API span, as the router set).
-            span, ctx = tracer.start("", trace_context(headers), SERVER)
-            if ctx is not None:
-                set_trace_context(headers, ctx)
+            span, _ = continue_trace(tracer, headers, "", SERVER)
         metrics = self.metrics
         src = caller.decode("utf-8", "replace")
         if metrics is not None:

@@ -15,7 +15,7 @@ from pillion.api.http import codec
 from pillion.blocks.bindings import BindingsBlock
 from pillion.blocks.configuration import ConfigurationBlock
 from pillion.blocks.health import Health
-from pillion.blocks.invoke import InvokeBlock, InvokeRequest, set_trace_context, trace_context
+from pillion.blocks.invoke import InvokeBlock, InvokeRequest, continue_trace
 from pillion.blocks.lock import LockBlock
 from pillion.blocks.metadata import MetadataBlock
 from pillion.blocks.pubsub import PubSubBlock
@@ -82,10 +82,9 @@ class HttpApi:
         t0 = time.perf_counter()
         span: Span | None = None
         if tracer is not None and tracer.enabled and not req.path.startswith(_HEALTH):
-            span, ctx = tracer.start(req.path, trace_context(req.headers), SERVER)
-            if ctx is not None:
-                # What this call does next (invoke, publish, bindings) continues this trace.
-                traceparent = set_trace_context(req.headers, ctx)
+            # What this call does next (invoke, publish, bindings) continues this trace.
+            span, traceparent = continue_trace(tracer, req.headers, req.path, SERVER)
+            if traceparent is not None:
                 resp = await self._route(req)
                 resp.headers = [*resp.headers, (b"traceparent", traceparent)]
             else:

@@ -206,3 +206,28 @@ def test_cached_encodings_stay_exact() -> None:
         decoded = decode(encode_export_request(spans, "svc")).resource_spans[0].scope_spans[0]
         for got, span in zip(decoded.spans, spans, strict=True):
             check_span(got, span)
+
+
+@pytest.mark.parametrize("code", [0, 1, 2])
+@pytest.mark.parametrize("parent", [b"", b"\x01" * 8])
+def test_plain_span_fast_path_matches_the_general_encoding(code: int, parent: bytes) -> None:
+    """Spans with shared attributes take a fast path; its bytes must be the general path's."""
+    from pillion.observability.otlp import _delimited, encode_span, encode_spans
+    from pillion.observability.tracing import SharedAttributes, Span, SpanContext
+
+    ctx = SpanContext(b"\x02" * 16, b"\x03" * 8, True)
+    attrs = SharedAttributes({"dapr.api": "GET /x", "dapr.status_code": 200})
+    spans = []
+    for _ in range(2):  # the first fills the caches, the second takes the fast path
+        span = Span(None, "CallLocal/a/x", ctx, parent, SERVER, 1_000)
+        span.attributes = attrs
+        span.end_ns = 2_000
+        span.status_code = code
+        spans.append(span)
+    first = encode_spans(spans[:1])
+    second = encode_spans(spans[1:])
+    assert first == second == _delimited(b"\x12", encode_span(spans[1]))
+    request = ExportTraceServiceRequest.FromString(encode_export_request(spans, "svc"))
+    got = request.resource_spans[0].scope_spans[0].spans
+    assert [s.status.code for s in got] == [code, code]
+    assert [s.parent_span_id for s in got] == [parent, parent]
