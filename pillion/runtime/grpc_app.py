@@ -10,6 +10,7 @@ import json
 import logging
 import socket
 import ssl
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -36,10 +37,13 @@ from pillion.blocks.invoke import (
     encode_grpc_message,
 )
 from pillion.errors import direct_invoke
+from pillion.observability.dapr_metrics import DaprMetrics
 from pillion.observability.tracing import format_grpc_trace_bin, parse_traceparent
 from pillion.transport.dial import wait_for_port
 
 log = logging.getLogger("pillion.runtime.grpc_app")
+
+ON_INVOKE = "/dapr.proto.runtime.v1.AppCallback/OnInvoke"
 
 # Importing the standard detail types registers them, so JSON of a google.rpc.Status can
 # render ErrorInfo, BadRequest, ... details the way Dapr's protojson does.
@@ -318,6 +322,7 @@ class GrpcAppChannel:
         self._lock = asyncio.Lock()
         self._invoke: Any = None
         self._health: Any = None
+        self.metrics: DaprMetrics | None = None  # dapr_grpc_io_client_* for calls to the app
 
     # --- the channel ------------------------------------------------------------------------------
 
@@ -336,7 +341,7 @@ class GrpcAppChannel:
             if self._channel is None:
                 self._channel = await self._open()
                 self._invoke = self._channel.unary_unary(
-                    "/dapr.proto.runtime.v1.AppCallback/OnInvoke",
+                    ON_INVOKE,
                     request_serializer=common_pb2.InvokeRequest.SerializeToString,
                     response_deserializer=common_pb2.InvokeResponse.FromString,
                 )
@@ -400,6 +405,27 @@ class GrpcAppChannel:
             return await self._call(request, metadata)
 
     async def _call(self, request: common_pb2.InvokeRequest, metadata: Metadata) -> InvokeResponse:
+        metrics = self.metrics
+        if metrics is None:
+            return await self._call_app(request, metadata)
+        t0 = time.perf_counter()
+        status = "UNKNOWN"
+        sent = request.ByteSize()
+        received = 0
+        try:
+            resp = await self._call_app(request, metadata)
+            grpc_status = next((v for k, v in resp.headers if k == GRPC_STATUS_HEADER), b"0")
+            status = "OK" if grpc_status == b"0" else _code_name(grpc_status)
+            received = len(resp.body)
+            return resp
+        finally:
+            metrics.grpc_client(
+                ON_INVOKE, status, (time.perf_counter() - t0) * 1000, sent, received
+            )
+
+    async def _call_app(
+        self, request: common_pb2.InvokeRequest, metadata: Metadata
+    ) -> InvokeResponse:
         await self.get_channel()
         where = f"app at {self.host}:{self.port}"
         try:
@@ -436,17 +462,35 @@ class GrpcAppChannel:
         `register_health_check`) counts as unhealthy, as in daprd (dapr-api.md §13.3).
         """
         del path
+        t0 = time.perf_counter()
+        status = "OK"
         try:
             await self.get_channel()
             await self._health(empty_pb2.Empty(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            status = str(exc.code().name)
         except (grpc.RpcError, Unreachable):
-            return False
-        return True
+            status = "UNAVAILABLE"
+        if self.metrics is not None:
+            self.metrics.health_probe("grpc", status, (time.perf_counter() - t0) * 1000)
+        return status == "OK"
 
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+
+def _code_name(number: bytes) -> str:
+    """A gRPC status number (as the link header carries it) -> its code name."""
+    try:
+        value = int(number)
+    except ValueError:
+        return "UNKNOWN"
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return str(code.name)
+    return "UNKNOWN"
 
 
 def _transport_failure(details: str) -> bool:

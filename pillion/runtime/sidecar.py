@@ -259,6 +259,8 @@ class Sidecar:
             self.state.stores = dict(self.loaded.state)
             if telemetry.metrics is not None:
                 telemetry.metrics.component_loaded(len(self.loaded.views))
+                for view in self.loaded.views:
+                    telemetry.metrics.component_init(view.type)
             self.pubsub.pubsubs = dict(self.loaded.pubsub)
             try:  # the transactional outboxes' internal subscriptions (not the app's)
                 await Outbox(self.state, self.pubsub).start()
@@ -352,7 +354,7 @@ class Sidecar:
         self.configuration.metrics = t.metrics
         self.configuration.resiliency = t.resiliency
         self.lock.resiliency = t.resiliency
-        if isinstance(app, HttpAppChannel):
+        if app is not None:
             app.metrics = t.metrics
 
     async def _internal(self, req: Request) -> Response:

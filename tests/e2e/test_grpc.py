@@ -16,7 +16,7 @@ from dapr.clients.grpc._request import TransactionalStateOperation, TransactionO
 from dapr.clients.grpc._state import StateItem
 
 from pillion.testing.procs import Proc, Sidecar, free_port, start_sidecar
-from tests.e2e.conftest import APPS, Pair
+from tests.e2e.conftest import APPS, Pair, call
 
 
 @dataclass
@@ -155,6 +155,12 @@ def test_invoke_grpc_app(pair: Pair, gapps: GrpcApps, monkeypatch: pytest.Monkey
         with pytest.raises(grpc.RpcError) as ei:
             d.invoke_method("gapp", "nosuchmethod", data=b"")
         assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    # The callee sidecar counted its calls to the gRPC app (dapr_grpc_io_client_*).
+    page = call(gapps.gapp.metrics_port, "GET", "/metrics").body.decode()
+    on_invoke = 'grpc_client_method="/dapr.proto.runtime.v1.AppCallback/OnInvoke"'
+    lines = [x for x in page.splitlines() if x.startswith("dapr_grpc_io_client_completed_rpcs{")]
+    assert any(on_invoke in x and 'grpc_client_status="OK"' in x for x in lines), lines
+    assert any(on_invoke in x and 'grpc_client_status="Unimplemented"' in x for x in lines), lines
 
 
 def test_grpc_app_errors_over_http(pair: Pair, gapps: GrpcApps) -> None:

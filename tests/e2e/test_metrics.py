@@ -173,3 +173,57 @@ def test_metrics_off(tmp_path: Path) -> None:
         assert port
     finally:
         sc.proc.stop()
+
+
+def test_grpc_server_and_component_init(pair: Pair) -> None:
+    import grpc
+    from dapr.proto.runtime.v1 import dapr_pb2_grpc, metadata_pb2
+
+    method = "/dapr.proto.runtime.v1.Dapr/GetMetadata"
+    before = value(scrape(pair.a), "dapr_grpc_io_server_completed_rpcs", grpc_server_method=method)
+    with grpc.insecure_channel(f"127.0.0.1:{pair.a.grpc_port}") as ch:
+        stub = dapr_pb2_grpc.DaprStub(ch)
+        for _ in range(3):
+            stub.GetMetadata(metadata_pb2.GetMetadataRequest(), timeout=5)
+    sa = scrape(pair.a)
+    got = value(
+        sa, "dapr_grpc_io_server_completed_rpcs", grpc_server_method=method, grpc_server_status="OK"
+    )
+    assert got - before == 3
+    assert value(sa, "dapr_runtime_component_init_total", component="state.sqlite") == 1
+    assert value(sa, "dapr_runtime_component_init_total", component="pubsub.sqlite") == 1
+
+
+def test_bad_metrics_config_stops_start_up(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "apiVersion: dapr.io/v1alpha1\nkind: Configuration\nmetadata: {name: c}\nspec:\n"
+        "  metrics:\n    latencyDistributionBuckets: [5, 1]\n"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pillion",
+            "sidecar",
+            "--app-id",
+            "badmetrics",
+            "--config",
+            str(config),
+            "--dapr-http-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+            "--pillion-home",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 1
+    assert "config.yaml" in r.stdout and "latencyDistributionBuckets" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
