@@ -16,10 +16,12 @@ from pillion.components.bindings.api import (
     OutputBinding,
 )
 from pillion.errors import Code, GrpcCode, PillionError
+from pillion.observability.tracing import CONSUMER, format_traceparent, parse_traceparent
 from pillion.resiliency import CircuitOpen
 
 if TYPE_CHECKING:
     from pillion.observability.dapr_metrics import DaprMetrics
+    from pillion.observability.tracing import Tracer
     from pillion.resiliency import Resiliency
 
 log = logging.getLogger("pillion.blocks.bindings")
@@ -62,9 +64,10 @@ class BindingsBlock:
         self.app_id = app_id
         self.bindings = dict(bindings)
         self._reading: list[InputBinding] = []
-        # Set by the runtime: component metrics and resiliency policies.
+        # Set by the runtime: component metrics, resiliency policies, the tracer.
         self.metrics: DaprMetrics | None = None
         self.resiliency: Resiliency | None = None
+        self.tracer: Tracer | None = None
 
     async def invoke(
         self, name: str, operation: str, data: bytes, metadata: Mapping[str, str]
@@ -120,14 +123,33 @@ class BindingsBlock:
         record = recorder(self.metrics, "input_binding", entry.name)
 
         async def handle(data: bytes, metadata: Mapping[str, str]) -> bytes:
-            return await component_call(
-                self.resiliency,
-                entry.name,
-                "bindings",
-                lambda: deliverer.deliver(entry, data, metadata),
-                record=record,
-                inbound=True,
-            )
+            tracer = self.tracer
+            span = None
+            if tracer is not None and tracer.enabled:
+                # The event starts a trace (or continues one its metadata carries); the app
+                # gets the delivery span's context like any traced call.
+                parent = parse_traceparent(metadata.get("traceparent"), metadata.get("tracestate"))
+                span, ctx = tracer.start(f"bindings/{entry.name}", parent, CONSUMER)
+                if ctx is not None:
+                    metadata = {**metadata, "traceparent": format_traceparent(ctx).decode()}
+                    if ctx.tracestate:
+                        metadata["tracestate"] = ctx.tracestate
+            error: str | None = "failed"
+            try:
+                out = await component_call(
+                    self.resiliency,
+                    entry.name,
+                    "bindings",
+                    lambda: deliverer.deliver(entry, data, metadata),
+                    record=record,
+                    inbound=True,
+                )
+                error = None
+                return out
+            finally:
+                if span is not None:
+                    span.attributes = {"db.system": "bindings", "db.name": entry.name}
+                    span.end(error)
 
         return handle
 

@@ -104,8 +104,9 @@ class GrpcBindingDeliverer:
         req = appcallback_pb2.BindingEventRequest(
             name=entry.name, data=data, metadata=dict(metadata)
         )
+        trace = tuple((k, metadata[k]) for k in ("traceparent", "tracestate") if metadata.get(k))
         try:
-            resp = await call(req, metadata=self._metadata())
+            resp = await call(req, metadata=self._metadata() + trace)
         except grpc.aio.AioRpcError as exc:
             raise AppRejected(f"error invoking app: {exc.code().name}: {exc.details()}") from exc
         return bytes(resp.data)

@@ -349,6 +349,7 @@ class Sidecar:
         self.state.resiliency = t.resiliency
         self.bindings.metrics = t.metrics
         self.bindings.resiliency = t.resiliency
+        self.bindings.tracer = t.tracer
         self.secrets.metrics = t.metrics
         self.secrets.resiliency = t.resiliency
         self.configuration.metrics = t.metrics

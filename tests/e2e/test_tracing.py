@@ -40,6 +40,13 @@ def _mesh(tmp: Path, rate: str) -> Iterator[Mesh]:
     res = tmp / "resources"
     res.mkdir()
     (res / "pubsub.yaml").write_text(sqlite_pubsub(tmp / "pubsub.db"))
+    # An input binding for app c only: each event starts a trace its delivery span continues.
+    (res / "cron.yaml").write_text(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: cron}\n"
+        "spec:\n  type: bindings.cron\n  version: v1\n  metadata:\n"
+        "  - {name: schedule, value: '@every 1s'}\n  - {name: route, value: /events/cron}\n"
+        "scopes: [c]\n"
+    )
     config = tracing_config(tmp / "config.yaml", rate, collector.port)
     procs: list[Proc] = []
     sidecars: dict[str, Sidecar] = {}
@@ -202,3 +209,14 @@ def test_sampling_zero_exports_nothing(tmp_path: Path) -> None:
         p.stop()
     assert m.collector.requests == 0 and not m.collector.spans
     gen.close()
+
+
+def test_input_binding_event_is_traced(mesh: Mesh) -> None:
+    wait_until(
+        lambda: bool(call(mesh.app_ports["c"], "GET", "/seen/cron").json()), 10, "a cron event"
+    )
+    headers = call(mesh.app_ports["c"], "GET", "/seen/cron").json()[0]["headers"]
+    _, trace_id, span_id, _ = headers["traceparent"].split("-")
+    (span,) = _wait_spans(mesh.collector, trace_id, "otlp", 1)
+    assert (span.name, span.kind, span.service) == ("bindings/cron", "CONSUMER", "c")
+    assert span.span_id == span_id and span.parent_id == ""

@@ -110,6 +110,9 @@ class Handler(BaseHTTPRequestHandler):
         conn.close()
         self._send(r.status, [got, *rest])
 
+    def do_OPTIONS(self) -> None:  # the sidecar's probe for input bindings: routes accept
+        self._send(200, {})
+
     do_GET = do_POST = do_PUT = do_DELETE = _handle
 
 
