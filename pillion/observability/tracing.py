@@ -365,6 +365,7 @@ class Tracer:
         "_lock",
         "_max_queue",
         "_queue",
+        "_record",
         "_stage_size",
         "_staging",
         "_wake",
@@ -385,12 +386,15 @@ class Tracer:
         batch_size: int = 512,
         max_queue: int = 8192,
         stage_size: int = 512,
+        record: bool = True,
     ) -> None:
         if batch_size < 1 or max_queue < 1 or flush_interval <= 0 or stage_size < 1:
             raise ValueError(
                 "batch_size, stage_size, max_queue and flush_interval must be positive"
             )
         self.service_name = service_name
+        # False: sampled contexts still propagate, but no span is built (nowhere to export it).
+        self._record = record
         self.sampling_rate = sampling_rate
         self.enabled = sampling_rate > 0
         # TraceIDRatioBased as OpenTelemetry computes it, so pillion and daprd sidecars with the
@@ -439,7 +443,8 @@ class Tracer:
         ctx = SpanContext(
             trace_id, (_getrandbits(64) or _nonzero(64)).to_bytes(8, "big"), sampled, tracestate
         )
-        if not sampled:
+        if not sampled or not self._record:
+            # Nothing to record (or nowhere to send it): the context still travels on.
             return None, ctx
         return Span(self, name, ctx, parent_id, kind, _time_ns()), ctx
 

@@ -72,7 +72,8 @@ def build_telemetry(
             exporters = exporters_from_config(tracing)
         except ValueError as exc:
             raise ManifestError(source, None, None, str(exc)) from exc
-        tracer = Tracer(app_id or "pillion", rate, exporters)
+        # No exporter (`pillion init`'s config): contexts propagate, no span is built.
+        tracer = Tracer(app_id or "pillion", rate, exporters, record=bool(exporters))
     metrics: DaprMetrics | None = None
     if enable_metrics and (config is None or config.metrics_enabled):
         metrics_spec = spec.get("metrics", spec.get("metric"))

@@ -559,3 +559,13 @@ def test_invalid_tracer_arguments() -> None:
         Tracer("svc", 1.0, batch_size=0)
     with pytest.raises(ValueError):
         Tracer("svc", 1.0, flush_interval=0)
+
+
+def test_record_false_propagates_without_spans() -> None:
+    """A tracer with nowhere to export (record=False) builds no span but still propagates."""
+    tracer = Tracer("svc", 1.0, record=False)
+    span, ctx = tracer.start("op", None, SERVER)
+    assert span is None and ctx is not None and ctx.sampled
+    child_span, child = tracer.start("child", ctx, SERVER)
+    assert child_span is None and child is not None
+    assert child.trace_id == ctx.trace_id and child.span_id != ctx.span_id
