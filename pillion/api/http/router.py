@@ -86,7 +86,8 @@ class HttpApi:
             span, traceparent = continue_trace(tracer, req.headers, req.path, SERVER)
             if traceparent is not None:
                 resp = await self._route(req)
-                resp.headers = [*resp.headers, (b"traceparent", traceparent)]
+                # Every route builds its own header list, so appending in place is safe.
+                resp.headers.append((b"traceparent", traceparent))
             else:
                 resp = await self._route(req)
             if span is not None:
