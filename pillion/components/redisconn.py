@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -13,7 +13,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from pillion.components.metadata import ComponentConfigError, Properties, Seconds
-from pillion.components.pubsub.redis import RedisPubSubMetadata
 
 # Dapr reads a bare integer in these durations as milliseconds.
 _MILLIS_KEYS = frozenset(
@@ -31,13 +30,46 @@ _MILLIS_KEYS = frozenset(
 _UINT = re.compile(r"\d+")
 
 
-def millis_integers(props: Mapping[str, str]) -> Properties:
-    """Rewrite Dapr's bare-integer millisecond durations to "<n>ms" for the decoder."""
+def millis_integers(props: Mapping[str, str], extra: Collection[str] = ()) -> Properties:
+    """Rewrite Dapr's bare-integer millisecond durations to "<n>ms" for the decoder (the
+    connection durations, and a component's own `extra` ones)."""
+    keys = _MILLIS_KEYS | {k.lower() for k in extra} if extra else _MILLIS_KEYS
     out: dict[str, str] = {}
     for key, value in props.items():
         v = value.strip()
-        out[key] = f"{v}ms" if key.lower() in _MILLIS_KEYS and _UINT.fullmatch(v) else value
+        out[key] = f"{v}ms" if key.lower() in keys and _UINT.fullmatch(v) else value
     return Properties(out)
+
+
+def redis_address(redis_host: str, redis_port: int) -> tuple[str, int]:
+    """(host, port) from `redisHost`, with `redisPort` or 6379 when it names no port."""
+    raw = redis_host.strip()
+    if not raw:
+        raise ComponentConfigError("redisHost", "is required (host:port)")
+    if "," in raw:
+        raise ComponentConfigError("redisHost", "several hosts (Redis Cluster) are not supported")
+    host, port_text = raw, ""
+    if raw.startswith("["):  # [IPv6]:port
+        end = raw.find("]")
+        if end < 0:
+            raise ComponentConfigError("redisHost", f"{raw!r} is not host:port")
+        host, rest = raw[1:end], raw[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ComponentConfigError("redisHost", f"{raw!r} is not host:port")
+        port_text = rest[1:]
+    elif raw.count(":") == 1:
+        host, port_text = raw.split(":")
+    if not host:
+        raise ComponentConfigError("redisHost", f"{raw!r} names no host")
+    if not port_text:
+        return host, redis_port or 6379
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ComponentConfigError("redisHost", f"{raw!r} has an invalid port")
+    if redis_port and redis_port != int(port_text):
+        raise ComponentConfigError(
+            "redisPort", f"{redis_port} conflicts with the port in redisHost {raw!r}"
+        )
+    return host, int(port_text)
 
 
 @dataclass(frozen=True)
@@ -100,8 +132,7 @@ class RedisConnMetadata:
             raise ComponentConfigError("poolSize", "must not be negative")
 
     def address(self) -> tuple[str, int]:
-        """(host, port) from `redisHost` and `redisPort`, by the rules of `pubsub.redis`."""
-        return RedisPubSubMetadata(redis_host=self.redis_host, redis_port=self.redis_port).address()
+        return redis_address(self.redis_host, self.redis_port)
 
     def retries(self) -> int:
         return 3 if self.max_retries == 0 else max(self.max_retries, 0)
@@ -112,12 +143,12 @@ def socket_timeout(value: float | None) -> float | None:
     return None if value is None or value < 0 else value
 
 
-def redis_client(meta: Any, client_name: str) -> aioredis.Redis:
-    """A client over a blocking pool, from metadata with Dapr's redis connection fields.
+def connection_kwargs(meta: Any, client_name: str | None = None) -> dict[str, Any]:
+    """redis-py connection settings from metadata with Dapr's redis connection fields.
 
-    `meta` provides `address()`, `retries()`, the retry intervals, `redis_db`,
-    `redis_username`, `redis_password`, `dial_timeout`, `enable_tls`,
-    `insecure_skip_tls_verify`, `read_timeout`, `pool_timeout` and `pool_size`.
+    `meta` provides `address()`, `retries()`, `min_retry_interval`, `max_retry_interval`,
+    `redis_db`, `redis_username`, `redis_password`, `dial_timeout`, `enable_tls` and
+    `insecure_skip_tls_verify`. `client_name` is set on every connection (CLIENT SETNAME).
     """
     host, port = meta.address()
     retries = meta.retries()
@@ -139,16 +170,22 @@ def redis_client(meta: Any, client_name: str) -> aioredis.Redis:
         "socket_connect_timeout": socket_timeout(meta.dial_timeout),
         "socket_keepalive": True,
         "retry": retry,
-        # Set on every connection (CLIENT SETNAME), so operators and tests can find them.
-        "client_name": client_name,
         # RESP2 replies have the same shape in every redis-py version this supports.
         "protocol": 2,
     }
+    if client_name is not None:
+        kwargs["client_name"] = client_name
     if meta.enable_tls:
         kwargs["connection_class"] = aioredis.SSLConnection
         if meta.insecure_skip_tls_verify:
             kwargs["ssl_cert_reqs"] = "none"
             kwargs["ssl_check_hostname"] = False
+    return kwargs
+
+
+def pooled_client(meta: Any, kwargs: Mapping[str, Any]) -> aioredis.Redis:
+    """A client over a blocking pool of `kwargs` connections, sized and timed by `meta`'s
+    `read_timeout`, `pool_timeout` and `pool_size` as Dapr's components size theirs."""
     read_timeout = socket_timeout(meta.read_timeout)
     # Dapr's defaults: 10 connections per CPU; wait up to readTimeout + 1s for one.
     pool_timeout = socket_timeout(meta.pool_timeout)
@@ -161,3 +198,9 @@ def redis_client(meta: Any, client_name: str) -> aioredis.Redis:
         **kwargs,
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def redis_client(meta: Any, client_name: str) -> aioredis.Redis:
+    """A client over a blocking pool, from metadata with Dapr's redis connection fields
+    (see connection_kwargs and pooled_client)."""
+    return pooled_client(meta, connection_kwargs(meta, client_name))

@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import re
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +13,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from pillion.components.metadata import (
@@ -33,6 +31,13 @@ from pillion.components.pubsub.api import (
     PubSub,
     PubSubError,
     SubscribeRequest,
+)
+from pillion.components.redisconn import (
+    connection_kwargs,
+    millis_integers,
+    pooled_client,
+    redis_address,
+    socket_timeout,
 )
 
 log = logging.getLogger(__name__)
@@ -54,22 +59,9 @@ _BLOCK_MS = 2000
 # Reconnect back-off of a subscription's reader, in seconds.
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
 
-# Dapr reads a bare integer in these durations as milliseconds (a legacy of its Go decoder),
-# where pillion's Seconds would read seconds; they are rewritten before decoding.
-_MILLIS_KEYS = frozenset(
-    k.lower()
-    for k in (
-        "processingTimeout",
-        "redeliverInterval",
-        "dialTimeout",
-        "readTimeout",
-        "writeTimeout",
-        "poolTimeout",
-        "redisMinRetryInterval",
-        "redisMaxRetryInterval",
-    )
-)
-_UINT = re.compile(r"\d+")
+# Durations of this component's own that Dapr, like the connection ones, reads as milliseconds
+# when written as a bare integer (a legacy of its Go decoder).
+_MILLIS_KEYS = ("processingTimeout", "redeliverInterval")
 
 
 @dataclass(frozen=True)
@@ -142,35 +134,20 @@ class RedisPubSubMetadata:
 
     def address(self) -> tuple[str, int]:
         """(host, port) from `redisHost`, with `redisPort` or 6379 when it names no port."""
-        raw = self.redis_host.strip()
-        if not raw:
-            raise ComponentConfigError("redisHost", "is required (host:port)")
-        if "," in raw:
-            raise ComponentConfigError(
-                "redisHost", "several hosts (Redis Cluster) are not supported"
-            )
-        host, port_text = raw, ""
-        if raw.startswith("["):  # [IPv6]:port
-            end = raw.find("]")
-            if end < 0:
-                raise ComponentConfigError("redisHost", f"{raw!r} is not host:port")
-            host, rest = raw[1:end], raw[end + 1 :]
-            if rest and not rest.startswith(":"):
-                raise ComponentConfigError("redisHost", f"{raw!r} is not host:port")
-            port_text = rest[1:]
-        elif raw.count(":") == 1:
-            host, port_text = raw.split(":")
-        if not host:
-            raise ComponentConfigError("redisHost", f"{raw!r} names no host")
-        if not port_text:
-            return host, self.redis_port or 6379
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ComponentConfigError("redisHost", f"{raw!r} has an invalid port")
-        if self.redis_port and self.redis_port != int(port_text):
-            raise ComponentConfigError(
-                "redisPort", f"{self.redis_port} conflicts with the port in redisHost {raw!r}"
-            )
-        return host, int(port_text)
+        return redis_address(self.redis_host, self.redis_port)
+
+    # The names redisconn's connection settings read (this component spells them redis_*).
+    def retries(self) -> int:
+        """redis-py retries: `redisMaxRetries` when positive, else none."""
+        return max(self.redis_max_retries, 0)
+
+    @property
+    def min_retry_interval(self) -> float:
+        return self.redis_min_retry_interval
+
+    @property
+    def max_retry_interval(self) -> float:
+        return self.redis_max_retry_interval
 
     def redelivery(self) -> bool:
         """Whether failed and abandoned messages are claimed again (both settings non-zero)."""
@@ -179,16 +156,7 @@ class RedisPubSubMetadata:
 
 def _millis_integers(props: Mapping[str, str]) -> Properties:
     """Rewrite Dapr's bare-integer millisecond durations to "<n>ms" for the decoder."""
-    out: dict[str, str] = {}
-    for key, value in props.items():
-        v = value.strip()
-        out[key] = f"{v}ms" if key.lower() in _MILLIS_KEYS and _UINT.fullmatch(v) else value
-    return Properties(out)
-
-
-def _timeout(value: float | None) -> float | None:
-    """A socket timeout; Dapr writes a negative one for "none"."""
-    return None if value is None or value < 0 else value
+    return millis_integers(props, _MILLIS_KEYS)
 
 
 class RedisPubSub(PubSub):
@@ -226,46 +194,8 @@ class RedisPubSub(PubSub):
             log.warning("pubsub.redis %s: streamTTL is not supported and is ignored", info.name)
         self.meta, self.consumer_group = meta, group
         host, port = meta.address()
-        if meta.redis_max_retries > 0:
-            retry = Retry(
-                ExponentialBackoff(
-                    cap=max(meta.redis_max_retry_interval, 0),
-                    base=max(meta.redis_min_retry_interval, 0),
-                ),
-                meta.redis_max_retries,
-            )
-        else:
-            retry = Retry(NoBackoff(), 0)
-        kwargs: dict[str, Any] = {
-            "host": host,
-            "port": port,
-            "db": meta.redis_db,
-            "username": meta.redis_username or None,
-            "password": meta.redis_password or None,
-            "socket_connect_timeout": _timeout(meta.dial_timeout),
-            "socket_keepalive": True,
-            "retry": retry,
-            # RESP2 replies have the same shape in every redis-py version this supports.
-            "protocol": 2,
-        }
-        if meta.enable_tls:
-            kwargs["connection_class"] = aioredis.SSLConnection
-            if meta.insecure_skip_tls_verify:
-                kwargs["ssl_cert_reqs"] = "none"
-                kwargs["ssl_check_hostname"] = False
-        self._conn_kwargs = kwargs
-        read_timeout = _timeout(meta.read_timeout)
-        # Dapr's defaults: 10 connections per CPU; wait up to readTimeout + 1s for one.
-        pool_timeout = _timeout(meta.pool_timeout)
-        if meta.pool_timeout is None:
-            pool_timeout = None if read_timeout is None else read_timeout + 1
-        pool = aioredis.BlockingConnectionPool(
-            max_connections=meta.pool_size or 10 * (os.cpu_count() or 1),
-            timeout=pool_timeout,
-            socket_timeout=read_timeout,
-            **kwargs,
-        )
-        client = aioredis.Redis.from_pool(pool)
+        self._conn_kwargs = connection_kwargs(meta)
+        client = pooled_client(meta, self._conn_kwargs)
         try:
             await client.ping()
         except RedisError as exc:
@@ -396,7 +326,7 @@ class RedisSubscription:
                 },
             )
         )
-        read_timeout = _timeout(meta.read_timeout)
+        read_timeout = socket_timeout(meta.read_timeout)
         self._read_limit = None if read_timeout is None else _BLOCK_MS / 1000 + read_timeout
         self._slots = asyncio.Semaphore(meta.concurrency)
         # Ids read or claimed and not yet finished here, so a claim of one still waiting for a
