@@ -16,7 +16,7 @@ from pillion.components.bindings.api import (
     OutputBinding,
 )
 from pillion.errors import Code, GrpcCode, PillionError
-from pillion.observability.tracing import CONSUMER, format_traceparent, parse_traceparent
+from pillion.observability.tracing import CONSUMER, start_with_carrier
 from pillion.resiliency import CircuitOpen
 
 if TYPE_CHECKING:
@@ -128,12 +128,11 @@ class BindingsBlock:
             if tracer is not None and tracer.enabled:
                 # The event starts a trace (or continues one its metadata carries); the app
                 # gets the delivery span's context like any traced call.
-                parent = parse_traceparent(metadata.get("traceparent"), metadata.get("tracestate"))
-                span, ctx = tracer.start(f"bindings/{entry.name}", parent, CONSUMER)
-                if ctx is not None:
-                    metadata = {**metadata, "traceparent": format_traceparent(ctx).decode()}
-                    if ctx.tracestate:
-                        metadata["tracestate"] = ctx.tracestate
+                span, context = start_with_carrier(
+                    tracer, f"bindings/{entry.name}", metadata, CONSUMER
+                )
+                if context:
+                    metadata = {**metadata, **context}
             error: str | None = "failed"
             try:
                 out = await component_call(

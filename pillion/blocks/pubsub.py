@@ -25,7 +25,7 @@ from pillion.components.pubsub.api import (
     TopicNotFound,
 )
 from pillion.errors import GrpcCode, PillionError
-from pillion.observability.tracing import CONSUMER, format_traceparent, parse_traceparent
+from pillion.observability.tracing import CONSUMER, start_with_carrier
 from pillion.resiliency import CircuitOpen
 
 if TYPE_CHECKING:
@@ -543,19 +543,12 @@ class _Handler:
         tracer = block.tracer
         span = None
         if tracer is not None and tracer.enabled:
-            tp, ts = env.get("traceparent"), env.get("tracestate")
-            parent = parse_traceparent(
-                tp if isinstance(tp, str) else None, ts if isinstance(ts, str) else None
-            )
-            span, ctx = tracer.start(f"pubsub/{msg.topic}", parent, CONSUMER)
+            span, context = start_with_carrier(tracer, f"pubsub/{msg.topic}", env, CONSUMER)
             if span is not None:
                 span.set("messaging.system", "pubsub")
                 span.set("messaging.destination.name", msg.topic)
                 span.set("db.name", spec.pubsub)
-            if ctx is not None:
-                headers["traceparent"] = format_traceparent(ctx).decode()
-                if ctx.tracestate:
-                    headers["tracestate"] = ctx.tracestate
+            headers.update(context)
         delivery = Delivery(spec, path, env, headers)
 
         async def attempt() -> ce.Result:

@@ -8,7 +8,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ __all__ = [
     "parse_traceparent",
     "parse_tracestate",
     "sampling_rate",
+    "start_with_carrier",
 ]
 
 _log = logging.getLogger("pillion.observability.tracing")
@@ -207,6 +208,24 @@ def format_traceparent(ctx: SpanContext) -> bytes:
 
 
 # ---- grpc-trace-bin (OpenCensus binary format) ------------------------------------------------
+
+
+def start_with_carrier(
+    tracer: Tracer, name: str, carrier: Mapping[str, object], kind: int
+) -> tuple[Span | None, dict[str, str]]:
+    """A span under the W3C context a string carrier holds (a CloudEvent's fields, an event's
+    metadata), and the carrier entries that send the span's own context on ({} when off)."""
+    tp, ts = carrier.get("traceparent"), carrier.get("tracestate")
+    parent = parse_traceparent(
+        tp if isinstance(tp, str) else None, ts if isinstance(ts, str) else None
+    )
+    span, ctx = tracer.start(name, parent, kind)
+    if ctx is None:
+        return span, {}
+    out = {"traceparent": format_traceparent(ctx).decode()}
+    if ctx.tracestate:
+        out["tracestate"] = ctx.tracestate
+    return span, out
 
 
 def parse_grpc_trace_bin(value: bytes | None) -> SpanContext | None:
