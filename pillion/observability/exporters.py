@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from pillion.durations import parse_duration
-from pillion.observability.otlp import encode_spans, wrap_spans
+from pillion.observability.otlp import encode_export_request
 from pillion.observability.tracing import KIND_NAMES, Span
 from pillion.transport.client import HttpClient
 
@@ -135,61 +135,28 @@ class _HttpPoster:
             self._client = None
 
 
-class _Staged:
-    """Staging (see tracing.Staging): spans are encoded into pieces as they are staged, and
-    send() delivers every piece held in one request; export() is stage + send."""
-
-    __slots__ = ("_pieces", "staged")
-
-    def __init__(self) -> None:
-        self._pieces: list[bytes] = []
-        self.staged = 0
-
-    def _piece(self, spans: Sequence[Span], service_name: str) -> bytes:
-        raise NotImplementedError
-
-    async def _deliver(self, pieces: list[bytes], count: int, service_name: str) -> None:
-        raise NotImplementedError
-
-    def stage(self, spans: Sequence[Span], service_name: str) -> None:
-        if spans:
-            self._pieces.append(self._piece(spans, service_name))
-            self.staged += len(spans)
-
-    async def send(self, service_name: str) -> None:
-        pieces, count = self._pieces, self.staged
-        if not pieces:
-            return
-        self._pieces = []
-        self.staged = 0
-        await self._deliver(pieces, count, service_name)
-
-    async def export(self, spans: Sequence[Span], service_name: str) -> None:
-        self.stage(spans, service_name)
-        await self.send(service_name)
-
-
-class _HttpExporter(_Staged):
-    """POSTs what is staged, encoded by the subclass, to one target; failures only warn."""
+class _HttpExporter:
+    """POSTs each batch, encoded by the subclass, to one target; failures only warn."""
 
     __slots__ = ("_headers", "_poster", "_warner", "target")
 
     def __init__(
         self, target: _HttpTarget, headers: Sequence[tuple[bytes, bytes]], timeout: float, what: str
     ) -> None:
-        super().__init__()
         self.target = target
         self._headers = headers
         self._poster = _HttpPoster(target, timeout)
         self._warner = _Warner(f"{what} {target.url}")
 
-    def _body(self, pieces: list[bytes], service_name: str) -> bytes:
+    def _encode(self, spans: Sequence[Span], service_name: str) -> bytes:
         raise NotImplementedError
 
-    async def _deliver(self, pieces: list[bytes], count: int, service_name: str) -> None:
-        error = await self._poster.post(self._headers, self._body(pieces, service_name))
+    async def export(self, spans: Sequence[Span], service_name: str) -> None:
+        if not spans:
+            return
+        error = await self._poster.post(self._headers, self._encode(spans, service_name))
         if error is not None:
-            self._warner.failed(count, error)
+            self._warner.failed(len(spans), error)
 
     async def close(self) -> None:
         await self._poster.close()
@@ -216,17 +183,14 @@ class OtlpHttpExporter(_HttpExporter):
         target = _HttpTarget(host, port, path.encode(), secure)
         super().__init__(target, encoded, timeout, "OTLP/HTTP")
 
-    def _piece(self, spans: Sequence[Span], service_name: str) -> bytes:
-        return encode_spans(spans)
-
-    def _body(self, pieces: list[bytes], service_name: str) -> bytes:
-        return wrap_spans(pieces, service_name)
+    def _encode(self, spans: Sequence[Span], service_name: str) -> bytes:
+        return encode_export_request(spans, service_name)
 
 
 # ---- OTLP over gRPC ---------------------------------------------------------------------------
 
 
-class OtlpGrpcExporter(_Staged):
+class OtlpGrpcExporter:
     """OTLP/gRPC: TraceService/Export with the hand-encoded request bytes as they are."""
 
     __slots__ = ("_call", "_channel", "_metadata", "_timeout", "_warner", "secure", "target")
@@ -239,7 +203,6 @@ class OtlpGrpcExporter(_Staged):
         headers: Sequence[tuple[str, str]] = (),
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        super().__init__()
         self.target = target
         self.secure = secure
         # gRPC metadata keys must be lowercase.
@@ -263,11 +226,10 @@ class OtlpGrpcExporter(_Staged):
         self._call = channel.unary_unary(TRACE_SERVICE_EXPORT)
         return self._call
 
-    def _piece(self, spans: Sequence[Span], service_name: str) -> bytes:
-        return encode_spans(spans)
-
-    async def _deliver(self, pieces: list[bytes], count: int, service_name: str) -> None:
-        body = wrap_spans(pieces, service_name)
+    async def export(self, spans: Sequence[Span], service_name: str) -> None:
+        if not spans:
+            return
+        body = encode_export_request(spans, service_name)
         call = self._call or self._connect()
         try:
             await call(body, timeout=self._timeout, metadata=self._metadata or None)
@@ -278,7 +240,7 @@ class OtlpGrpcExporter(_Staged):
                 reason = f"{code()}: {details()}"
             else:
                 reason = f"{type(exc).__name__}: {exc}"
-            self._warner.failed(count, reason)
+            self._warner.failed(len(spans), reason)
 
     async def close(self) -> None:
         channel = self._channel
@@ -342,15 +304,10 @@ class ZipkinExporter(_HttpExporter):
         target = _parse_http_url(url, "spec.tracing.zipkin.endpointAddress")
         super().__init__(target, self._HEADERS, timeout, "Zipkin")
 
-    def _piece(self, spans: Sequence[Span], service_name: str) -> bytes:
-        # The spans' objects without the list's brackets: pieces join into one list.
-        text = json.dumps(
+    def _encode(self, spans: Sequence[Span], service_name: str) -> bytes:
+        return json.dumps(
             zipkin_json(spans, service_name), separators=(",", ":"), ensure_ascii=False
-        )
-        return text[1:-1].encode("utf-8", "surrogatepass")
-
-    def _body(self, pieces: list[bytes], service_name: str) -> bytes:
-        return b"[" + b",".join(pieces) + b"]"
+        ).encode("utf-8", "surrogatepass")
 
 
 # ---- stdout -----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from pillion.observability.tracing import Attribute, SharedAttributes, Span
 
-__all__ = ["SCOPE_NAME", "encode_export_request", "encode_span", "encode_spans", "wrap_spans"]
+__all__ = ["SCOPE_NAME", "encode_export_request", "encode_span", "encode_spans"]
 
 SCOPE_NAME = "pillion"
 
@@ -232,7 +232,7 @@ _STATUS_CODE = {0: b"", 1: b"\x7a\x02\x18\x01", 2: b"\x7a\x02\x18\x02"}
 
 
 def encode_spans(spans: Sequence[Span]) -> bytes:
-    """`spans` as ScopeSpans.spans (2) fields: pieces that wrap_spans() puts in one request."""
+    """`spans` as ScopeSpans.spans (2) fields."""
     out: list[bytes] = []
     for span in spans:
         field = _encode_plain(span)
@@ -240,14 +240,9 @@ def encode_spans(spans: Sequence[Span]) -> bytes:
     return b"".join(out)
 
 
-def wrap_spans(pieces: Sequence[bytes], service_name: str) -> bytes:
-    """ExportTraceServiceRequest{resource_spans: [one resource, one scope, the spans]}."""
-    resource, scope = _head(service_name)
-    scope_spans = b"".join([scope, *pieces])
-    resource_spans = b"".join((resource, _delimited(b"\x12", scope_spans)))  # .scope_spans (2)
-    return _delimited(b"\x0a", resource_spans)  # ExportTraceServiceRequest.resource_spans (1)
-
-
 def encode_export_request(spans: Sequence[Span], service_name: str) -> bytes:
     """ExportTraceServiceRequest{resource_spans: [one resource, one scope, all `spans`]}."""
-    return wrap_spans([encode_spans(spans)], service_name)
+    resource, scope = _head(service_name)
+    scope_spans = scope + encode_spans(spans)
+    resource_spans = b"".join((resource, _delimited(b"\x12", scope_spans)))  # .scope_spans (2)
+    return _delimited(b"\x0a", resource_spans)  # ExportTraceServiceRequest.resource_spans (1)

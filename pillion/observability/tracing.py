@@ -9,25 +9,10 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pillion.observability.exporters import Exporter
-
-
-@runtime_checkable
-class Staging(Protocol):
-    """An exporter that encodes spans as they come (while they are fresh in memory) and sends
-    what it holds in one request later: the tracer stages small batches, sends big ones."""
-
-    @property
-    def staged(self) -> int:
-        """Spans encoded and not sent yet."""
-        ...
-
-    def stage(self, spans: Sequence[Span], service_name: str) -> None: ...
-
-    async def send(self, service_name: str) -> None: ...
 
 
 __all__ = [
@@ -41,7 +26,6 @@ __all__ = [
     "SharedAttributes",
     "Span",
     "SpanContext",
-    "Staging",
     "Tracer",
     "format_grpc_trace_bin",
     "format_traceparent",
@@ -361,7 +345,7 @@ class Span:
             tracer.dropped += 1  # never block the request path: drop the newest
             return
         queue.append(self)
-        if size + 1 == tracer._stage_size:
+        if size + 1 == tracer._batch_size:
             tracer._wake.set()
 
     def __repr__(self) -> str:
@@ -385,8 +369,6 @@ class Tracer:
         "_max_queue",
         "_queue",
         "_record",
-        "_stage_size",
-        "_staging",
         "_wake",
         "_warned_at",
         "dropped",
@@ -404,13 +386,10 @@ class Tracer:
         flush_interval: float = 1.0,
         batch_size: int = 512,
         max_queue: int = 8192,
-        stage_size: int = 512,
         record: bool = True,
     ) -> None:
-        if batch_size < 1 or max_queue < 1 or flush_interval <= 0 or stage_size < 1:
-            raise ValueError(
-                "batch_size, stage_size, max_queue and flush_interval must be positive"
-            )
+        if batch_size < 1 or max_queue < 1 or flush_interval <= 0:
+            raise ValueError("batch_size, max_queue and flush_interval must be positive")
         self.service_name = service_name
         # False: sampled contexts still propagate, but no span is built (nowhere to export it).
         self._record = record
@@ -423,10 +402,6 @@ class Tracer:
         rate = min(max(sampling_rate, 0.0), 1.0)
         self._bound = 1 << 64 if rate >= 1 else int(rate * (1 << 63)) << 1
         self._exporters = tuple(exporters)
-        # Exporters that can encode early and send later (Staging): they get every
-        # `stage_size` spans while those are still fresh in memory, and send `batch_size` at once.
-        self._staging = tuple(e for e in self._exporters if isinstance(e, Staging))
-        self._stage_size = min(stage_size, batch_size) if self._staging else batch_size
         self._flush_interval = flush_interval
         self._batch_size = batch_size
         self._max_queue = max_queue
@@ -473,33 +448,25 @@ class Tracer:
         return len(self._queue)
 
     async def run(self) -> None:
-        """Export queued spans every flush_interval, or as soon as batch_size are queued
-        (staging exporters: encode every stage_size, send every batch_size or interval).
+        """Export queued spans every flush_interval, or as soon as batch_size are queued.
 
         Runs until close(); owned by the runtime's task group.
         """
         wake = self._wake
-        loop = asyncio.get_running_loop()
-        due = loop.time() + self._flush_interval
         while not self._closed:
-            if len(self._queue) < self._stage_size:
+            if len(self._queue) < self._batch_size:
                 wake.clear()
                 try:
-                    async with asyncio.timeout_at(due):
+                    async with asyncio.timeout(self._flush_interval):
                         await wake.wait()
                 except TimeoutError:
                     pass
                 if self._closed:
                     return
-            if loop.time() >= due:
-                due = loop.time() + self._flush_interval
-                await self.flush()
-            else:
-                await self._stage_queued()
+            await self.flush()
 
-    async def _stage_queued(self) -> None:
-        """Hand what is queued to the exporters: staging ones encode it now and send when they
-        hold batch_size spans; the others get it in batch_size chunks at once."""
+    async def flush(self) -> None:
+        """Export everything queued now, batch_size spans per export call."""
         async with self._lock:
             queue = self._queue
             if not queue:
@@ -508,34 +475,8 @@ class Tracer:
             if not self._exporters:
                 return
             size = self._batch_size
-            others = [e for e in self._exporters if not isinstance(e, Staging)]
-            if others:
-                for i in range(0, len(queue), size):
-                    await self._export(queue[i : i + size], others)
-            if not self._staging:
-                return
-            # A request never carries more than batch_size spans.
-            step = min(self._stage_size, size)
-            for i in range(0, len(queue), step):
-                chunk = queue[i : i + step]
-                for exporter in self._staging:
-                    exporter.stage(chunk, self.service_name)
-                full = [e for e in self._staging if e.staged + step > size]
-                if full:
-                    await self._send(full)
-
-    async def flush(self) -> None:
-        """Export everything queued or staged now, batch_size spans per export call."""
-        await self._stage_queued()
-        async with self._lock:
-            staged = [e for e in self._staging if e.staged]
-            if staged:
-                await self._send(staged)
-
-    async def _send(self, exporters: Sequence[Staging]) -> None:
-        await asyncio.gather(
-            *(self._guard(e, e.staged, e.send(self.service_name)) for e in exporters)
-        )
+            for i in range(0, len(queue), size):
+                await self._export(queue[i : i + size], self._exporters)
 
     async def close(self, timeout: float = 2.0) -> None:
         """Stop run(), flush what is queued (bounded by `timeout`) and close the exporters."""
