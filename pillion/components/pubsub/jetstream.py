@@ -21,6 +21,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.manager import JetStreamManager
@@ -60,12 +61,9 @@ _ACK_POLICIES = {
 _PARALLEL = 1000
 # The server's ackWait when the consumer sets none.
 _SERVER_ACK_WAIT = 30.0
-# How long one pull request waits on the server. Closing waits for the pull in progress (so
-# no message is handed to an inbox that is gone), so this bounds how long closing takes.
-_FETCH_WAIT = 1.0
-# Messages asked for in one pull at most.
+# Messages asked for in one pull request at most.
 _MAX_BATCH = 256
-# Back-off of a subscription's pull loop after an error, in seconds.
+# Back-off before asking again after the server ended a subscription's requests, in seconds.
 _BACKOFF_MIN, _BACKOFF_MAX = 0.2, 5.0
 # The API timeout of requests to JetStream (publish acks, stream and consumer management).
 _API_TIMEOUT = 10.0
@@ -355,6 +353,7 @@ class JetStreamPubSub(PubSub):
     def __init__(self) -> None:
         self.meta: JetStreamMetadata | None = None
         self.durable = ""
+        self.api_prefix = js_api.DEFAULT_PREFIX
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._jsm: JetStreamManager | None = None
@@ -418,6 +417,7 @@ class JetStreamPubSub(PubSub):
         else:
             prefix = meta.api_prefix.strip() or js_api.DEFAULT_PREFIX
         self._nc = nc
+        self.api_prefix = prefix
         self._js = nc.jetstream(prefix=prefix, timeout=_API_TIMEOUT)
         self._jsm = nc.jsm(prefix=prefix, timeout=_API_TIMEOUT)
         self.meta, self.durable = meta, durable
@@ -458,6 +458,11 @@ class JetStreamPubSub(PubSub):
 
     async def _on_reconnected(self) -> None:
         log.info("jetstream: reconnected to NATS")
+        for sub in list(self._subscriptions):
+            sub.reconnected()
+
+    def connection(self) -> NATS | None:
+        return None if self._closed else self._nc
 
     # -- publishing --------------------------------------------------------------------------
 
@@ -479,7 +484,7 @@ class JetStreamPubSub(PubSub):
     # -- subscribing -------------------------------------------------------------------------
 
     async def subscribe(self, req: SubscribeRequest, handler: Handler) -> JetStreamSubscription:
-        js, meta = self._require()
+        _, meta = self._require()
         topic = req.topic
         _check_subject(topic, wildcards=True)
         limit = meta.limit()
@@ -489,17 +494,18 @@ class JetStreamPubSub(PubSub):
                     limit = meta.limit(value, "subscription metadata concurrency")
                 except ComponentConfigError as exc:
                     raise PubSubError(f"jetstream: {exc}") from None
+        nc = self._nc
+        assert nc is not None
         try:
             stream = await self._stream_for(topic)
             consumer = await self._consumer_for(stream, topic)
-            psub = await js.pull_subscribe_bind(durable=consumer, stream=stream)
+            sub = JetStreamSubscription(self, meta, topic, stream, consumer, handler, limit)
+            await sub.start(nc)
         except (TimeoutError, nats.errors.Error) as exc:
             raise PubSubError(
                 f"jetstream: cannot subscribe to {topic!r} for {self.durable!r}: {_why(exc)}"
             ) from exc
-        sub = JetStreamSubscription(self, meta, topic, stream, consumer, psub, handler, limit)
         self._subscriptions.add(sub)
-        sub.start()
         return sub
 
     def _forget(self, sub: JetStreamSubscription) -> None:
@@ -650,7 +656,15 @@ def _check_subject(topic: str, *, wildcards: bool) -> None:
 
 
 class JetStreamSubscription:
-    """A pull loop on one durable consumer, with up to `limit` handlers at once."""
+    """Pulls one durable consumer's messages, with up to `limit` handlers at once.
+
+    Pull requests carry no expiry: each asks for as many messages as there is room for and
+    stays on the server until they have come (credits). Expiring requests, as a fetch loop
+    sends, meet a NATS server bug (2.9.x: a redelivery that finds only expired requests
+    rewinds the consumer, which then hands an acknowledged message out again); a request
+    that never expires cannot be found expired. Credits are counted down as messages arrive
+    and dropped when the server ends a request (408/409) or the connection is re-established.
+    """
 
     def __init__(
         self,
@@ -659,7 +673,6 @@ class JetStreamSubscription:
         topic: str,
         stream: str,
         consumer: str,
-        psub: JetStreamContext.PullSubscription,
         handler: Handler,
         limit: int,
     ) -> None:
@@ -668,76 +681,97 @@ class JetStreamSubscription:
         self.consumer = consumer
         self._owner = owner
         self._meta = meta
-        self._psub = psub
         self._handler = handler
         self._limit = limit
         self._acks = meta.acks()
-        # Messages held here (fetched, not yet acked or naked), for the in-progress acks; by
+        self._inbox: Subscription | None = None
+        self._next_subject = f"{owner.api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._credits = 0  # messages asked for and not come yet
+        # Messages held here (come, not yet acked or naked), for the in-progress acks; by
         # id(), as Msg is not hashable.
         self._held: dict[int, Msg] = {}
+        # Messages waiting for the one handler of an ordered (limit 1) subscription.
+        self._queue: asyncio.Queue[Msg | None] = asyncio.Queue()  # None: closing
         self._handlers: set[asyncio.Task[None]] = set()
-        self._room = asyncio.Event()  # set when fewer than `limit` messages are held
-        self._room.set()
-        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # requests and retries in flight
+        self._backoff = _BACKOFF_MIN
+        self._failing = False
+        self._worker: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = asyncio.Event()
 
-    def start(self) -> None:
+    async def start(self, nc: NATS) -> None:
+        self._inbox = await nc.subscribe(nc.new_inbox(), cb=self._on_message)
         loop = asyncio.get_running_loop()
-        self._loop_task = loop.create_task(self._pull(), name=f"pubsub.jetstream {self.topic}")
+        if self._limit == 1:
+            self._worker = loop.create_task(self._work(), name=f"pubsub.jetstream {self.topic}")
         if self._acks:
             self._ticker = loop.create_task(
                 self._keep_alive(), name=f"pubsub.jetstream progress {self.topic}"
             )
+        await self._ask()
 
-    # -- pulling -----------------------------------------------------------------------------
+    # -- asking for messages -----------------------------------------------------------------
 
-    async def _pull(self) -> None:
-        backoff, failing = _BACKOFF_MIN, False
-        while not self._closing:
-            await self._room.wait()
-            if self._closing:
-                break
-            batch = min(self._limit - len(self._held), _MAX_BATCH)
+    async def _ask(self) -> None:
+        """Ask for the messages there is room for; small top-ups wait until half is free."""
+        if self._closing or self._inbox is None:
+            return
+        missing = self._limit - len(self._held) - self._credits
+        if missing <= 0 or (self._credits and missing < max(1, self._limit // 2)):
+            return
+        nc = self._owner.connection()
+        if nc is None:
+            return
+        while missing > 0 and not self._closing:
+            batch = min(missing, _MAX_BATCH)
+            self._credits += batch
+            missing -= batch
             try:
-                msgs = await self._psub.fetch(batch, timeout=_FETCH_WAIT)
-            except TimeoutError:
-                continue  # nothing new within the wait
+                await nc.publish(
+                    self._next_subject,
+                    json.dumps({"batch": batch}).encode(),
+                    reply=self._inbox.subject,
+                )
             except (nats.errors.Error, OSError) as exc:
-                if not failing:
-                    log.warning(
-                        "jetstream: pulling %r from consumer %r failed (%r); retrying",
-                        self.topic,
-                        self.consumer,
-                        exc,
-                    )
-                failing = True
-                if isinstance(exc, nats.js.errors.APIError):
-                    await self._recreate()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
-                continue
-            except Exception:
-                log.exception("jetstream: unexpected error pulling %r", self.topic)
-                await asyncio.sleep(_BACKOFF_MAX)
-                continue
-            if failing:
-                log.info("jetstream: pulling %r again", self.topic)
-                backoff, failing = _BACKOFF_MIN, False
-            for msg in msgs:
-                if self._closing:
-                    # Pulled while closing: back to the consumer at once for another member.
-                    if self._acks:
-                        await self._settle(msg.nak(), "nak")
-                    continue
-                self._hold(msg)
-                if self._limit == 1:
-                    await self._handle(msg)
-                else:
-                    task = asyncio.get_running_loop().create_task(self._handle(msg))
-                    self._handlers.add(task)
-                    task.add_done_callback(self._handlers.discard)
+                self._credits -= batch
+                self._retry_later(f"asking for messages failed ({_why(exc)})")
+                return
+
+    def _ask_soon(self) -> None:
+        if self._closing:
+            return
+        task = asyncio.get_running_loop().create_task(self._ask())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _retry_later(self, why: str, *, recreate: bool = False) -> None:
+        """The server ended our requests: ask again after a back-off."""
+        self._credits = 0
+        if self._closing:
+            return
+        if not self._failing:
+            log.warning(
+                "jetstream: pulling %r from %r: %s; retrying", self.topic, self.consumer, why
+            )
+        self._failing = True
+        delay, self._backoff = self._backoff, min(self._backoff * 2, _BACKOFF_MAX)
+
+        async def again() -> None:
+            await asyncio.sleep(delay)
+            if recreate:
+                await self._recreate()
+            await self._ask()
+
+        task = asyncio.get_running_loop().create_task(again())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def reconnected(self) -> None:
+        """A new connection: requests on the old one may be gone, so ask again."""
+        self._credits = 0
+        self._ask_soon()
 
     async def _recreate(self) -> None:
         """Make the stream and consumer again after the server lost them (deleted, say)."""
@@ -749,15 +783,59 @@ class JetStreamSubscription:
         except (TimeoutError, nats.errors.Error, PubSubError) as exc:
             log.debug("jetstream: recreating the consumer of %r failed: %r", self.topic, exc)
 
-    def _hold(self, msg: Msg) -> None:
-        self._held[id(msg)] = msg
-        if len(self._held) >= self._limit:
-            self._room.clear()
+    # -- receiving ---------------------------------------------------------------------------
 
-    def _release(self, msg: Msg) -> None:
-        self._held.pop(id(msg), None)
-        if len(self._held) < self._limit:
-            self._room.set()
+    async def _on_message(self, msg: Msg) -> None:
+        status = (msg.headers or {}).get(js_api.Header.STATUS)
+        if status:
+            self._on_status(status, msg)
+            return
+        self._credits = max(self._credits - 1, 0)
+        if self._failing:
+            log.info("jetstream: pulling %r again", self.topic)
+            self._failing, self._backoff = False, _BACKOFF_MIN
+        if self._closing:
+            # Came while closing: back to the consumer at once for another member.
+            if self._acks:
+                await self._settle(msg.nak(), "nak")
+            return
+        self._held[id(msg)] = msg
+        if self._limit == 1:
+            self._queue.put_nowait(msg)
+        else:
+            task = asyncio.get_running_loop().create_task(self._handle(msg))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    def _on_status(self, status: str, msg: Msg) -> None:
+        headers = msg.headers or {}
+        if status == js_api.StatusCode.CONTROL_MESSAGE:
+            return  # heartbeat or flow control
+        description = headers.get(js_api.Header.DESCRIPTION, "")
+        if status in (js_api.StatusCode.NO_MESSAGES, js_api.StatusCode.REQUEST_TIMEOUT):
+            # A request ended; the server says how many of its messages did not come.
+            left = headers.get("Nats-Pending-Messages")
+            if left is not None and left.isdigit():
+                self._credits = max(self._credits - int(left), 0)
+            else:
+                self._credits = 0
+            self._ask_soon()
+            return
+        recreate = "deleted" in description.lower()
+        self._retry_later(f"{status} {description}".strip(), recreate=recreate)
+
+    async def _work(self) -> None:
+        """The one handler of an ordered subscription, in arrival order."""
+        while True:
+            msg = await self._queue.get()
+            if msg is None:
+                return
+            if self._closing:
+                if self._acks:
+                    await self._settle(msg.nak(), "nak")
+                self._held.pop(id(msg), None)
+                continue
+            await self._handle(msg)
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -785,7 +863,8 @@ class JetStreamSubscription:
             if self._acks:
                 await self._settle(msg.ack(), "ack")
         finally:
-            self._release(msg)
+            self._held.pop(id(msg), None)
+            await self._ask()
 
     async def _settle(self, op: Any, what: str) -> None:
         try:
@@ -796,7 +875,8 @@ class JetStreamSubscription:
 
     async def _keep_alive(self) -> None:
         # A handler that outlasts ackWait would see its message go to another consumer; an
-        # in-progress ack resets the server's timer for messages still held here.
+        # in-progress ack resets the server's timer for messages still held here (running or
+        # waiting for the ordered handler).
         interval = max(self._meta.ack_deadline() / 3, 0.05)
         while True:
             await asyncio.sleep(interval)
@@ -811,37 +891,40 @@ class JetStreamSubscription:
             await self._closed.wait()
             return
         self._closing = True
-        self._room.set()
         try:
-            if self._loop_task is not None:
-                # The pull in progress ends within _FETCH_WAIT; cancelling it could leave the
-                # server sending to an inbox that is gone, held until ackWait.
-                try:
-                    async with asyncio.timeout(_FETCH_WAIT + self.close_grace):
-                        await asyncio.shield(self._loop_task)
-                except TimeoutError:
-                    self._loop_task.cancel()
-                    await asyncio.gather(self._loop_task, return_exceptions=True)
-            if self._handlers:
-                _done, pending = await asyncio.wait(
-                    set(self._handlers), timeout=self._owner.close_grace
-                )
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            running = set(self._handlers)
+            if self._worker is not None:
+                running.add(self._worker)
+                # Messages not started yet go back; the one being handled may finish.
+                self._queue.put_nowait(None)
+            if running:
+                _done, pending = await asyncio.wait(running, timeout=self._owner.close_grace)
                 for task in pending:
                     task.cancel()
                 if pending:
                     await asyncio.gather(*pending, return_exceptions=True)
+                    stuck = len(pending) - (1 if self._worker in pending else 0)
                     log.warning(
                         "jetstream: %d handlers of %r did not finish within %gs; their "
                         "messages are delivered again after ackWait",
-                        len(pending),
+                        max(stuck, 1),
                         self.topic,
                         self._owner.close_grace,
                     )
             if self._ticker is not None:
                 self._ticker.cancel()
                 await asyncio.gather(self._ticker, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self._psub.unsubscribe()
+            if self._inbox is not None:
+                # Drain: the server stops sending to the inbox, and what it sent before that
+                # still reaches _on_message, which gives it back (nak) at once.
+                try:
+                    await self._inbox.drain()  # type: ignore[no-untyped-call]
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        await self._inbox.unsubscribe()
         finally:
             self._owner._forget(self)
             self._closed.set()
