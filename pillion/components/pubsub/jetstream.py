@@ -12,7 +12,7 @@ import os
 import re
 import ssl
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -739,12 +739,20 @@ class JetStreamSubscription:
                 self._retry_later(f"asking for messages failed ({_why(exc)})")
                 return
 
-    def _ask_soon(self) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         if self._closing:
+            work.close()
             return
-        task = asyncio.get_running_loop().create_task(self._ask())
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _ask_after(self, delay: float, *, recreate: bool) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        if recreate:
+            await self._recreate()
+        await self._ask()
 
     def _retry_later(self, why: str, *, recreate: bool = False) -> None:
         """The server ended our requests: ask again after a back-off."""
@@ -757,21 +765,14 @@ class JetStreamSubscription:
             )
         self._failing = True
         delay, self._backoff = self._backoff, min(self._backoff * 2, _BACKOFF_MAX)
-
-        async def again() -> None:
-            await asyncio.sleep(delay)
-            if recreate:
-                await self._recreate()
-            await self._ask()
-
-        task = asyncio.get_running_loop().create_task(again())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._ask_after(delay, recreate=recreate))
 
     def reconnected(self) -> None:
-        """A new connection: requests on the old one may be gone, so ask again."""
+        """A new connection: requests on the old one may be gone, and so may the consumer (a
+        restarted server, or deleted while the 409 could not reach us). A request for a consumer
+        that does not exist gets no answer at all, so check it, then ask again."""
         self._credits = 0
-        self._ask_soon()
+        self._spawn(self._ask_after(0, recreate=True))
 
     async def _recreate(self) -> None:
         """Make the stream and consumer again after the server lost them (deleted, say)."""
@@ -819,7 +820,7 @@ class JetStreamSubscription:
                 self._credits = max(self._credits - int(left), 0)
             else:
                 self._credits = 0
-            self._ask_soon()
+            self._spawn(self._ask())
             return
         recreate = "deleted" in description.lower()
         self._retry_later(f"{status} {description}".strip(), recreate=recreate)

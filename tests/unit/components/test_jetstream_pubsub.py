@@ -533,6 +533,24 @@ def test_reconnects_after_the_connection_drops(server: None) -> None:
 # -- headers and deduplication -----------------------------------------------------------------
 
 
+def test_consumer_deleted_while_disconnected_is_made_again(server: None) -> None:
+    # The server's 409 cannot reach a disconnected client, and a pull request for a consumer
+    # that does not exist gets no answer: after reconnecting, the subscription checks.
+    async def main() -> None:
+        async with one_subscriber() as (jsm, ps, sub, inbox):
+            nc = ps._nc
+            assert nc is not None
+            reconnects = nc.stats["reconnects"]
+            sock = nc._transport._io_writer.get_extra_info("socket")  # type: ignore[union-attr]
+            sock.shutdown(socket.SHUT_RDWR)
+            await jsm.delete_consumer(sub.stream, sub.consumer)  # nats-py waits 1s to reconnect
+            await until(lambda: nc.stats["reconnects"] > reconnects and nc.is_connected)
+            await ps.publish(sub.topic, b"after", {})
+            await until(lambda: inbox.data == [b"after"])
+
+    run(main)
+
+
 def test_cloudevent_id_deduplicates_per_topic(server: None) -> None:
     async def main() -> None:
         topic, dead = topic_name(), topic_name("dlq")
