@@ -127,6 +127,21 @@ def parse_traceparent(
     """
     if value is None:
         return None
+    if value.__class__ is bytes and len(value) == 55 and value[:3] == b"00-":
+        # The common case, checked without the regex: dashes in place, lowercase hex only
+        # (unhexlify takes uppercase too, so compare with the lowercased value).
+        if value[35] != 0x2D or value[52] != 0x2D or value.lower() != value:
+            return None
+        try:
+            trace_id = _unhexlify(value[3:35])
+            span_id = _unhexlify(value[36:52])
+            flags = _unhexlify(value[53:55])
+        except binascii.Error:
+            return None
+        if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+            return None
+        state = parse_tracestate(tracestate) if tracestate else ""
+        return SpanContext(trace_id, span_id, bool(flags[0] & 1), state)
     if isinstance(value, str):
         try:
             value = value.encode("ascii")
