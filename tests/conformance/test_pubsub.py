@@ -28,6 +28,7 @@ from pillion.components.pubsub.api import (
     Subscription,
 )
 from tests.conformance.conftest import require_server
+from tests.polling import eventually
 
 # The contract these tests hold every broker to (beyond api.py's docstrings):
 # - A message published after `subscribe()` returned reaches that subscription's group.
@@ -280,14 +281,6 @@ class Inbox:
     def data(self) -> list[bytes]:
         """Acknowledged deliveries' bytes, in handler-return order."""
         return [m.data for m in self.messages]
-
-
-async def eventually(cond: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"after {timeout:g}s: {what()}")
-        await asyncio.sleep(0.01)
 
 
 async def arrive(brokers: Brokers, inbox: Inbox, n: int, who: str = "") -> None:

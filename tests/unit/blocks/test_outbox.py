@@ -25,6 +25,7 @@ from pillion.components.state.inmemory import InMemoryStateStore
 from pillion.errors import PillionError
 from pillion.manifests.model import Component, MetadataItem
 from pillion.runtime.components import ComponentInitError, load_components
+from tests.polling import until
 from tests.unit.blocks.fakes import component_info
 
 WINDOW = 0.3  # the retry window of these tests
@@ -74,13 +75,6 @@ async def outbox_env(*, discard: bool = False, window: float = WINDOW) -> AsyncI
         await pubsub.stop()
         await broker.close()
         await store.close()
-
-
-async def until(cond: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def markers(store: InMemoryStateStore) -> list[str]:

@@ -8,8 +8,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator
 
 import nats
 import nats.js.errors
@@ -26,6 +25,8 @@ from pillion.components.pubsub.jetstream import (
     subject_covers,
 )
 from tests.conformance.conftest import require_server
+from tests.polling import run, until
+from tests.unit.components.pubsub_helpers import Inbox, group
 
 HOST, PORT = "127.0.0.1", 4222
 URL = f"nats://{HOST}:{PORT}"
@@ -38,14 +39,6 @@ def server() -> None:
 
 def info(**props: str) -> ComponentInfo:
     return ComponentInfo("pubsub", "pubsub.jetstream", "v1", "app", Properties(props))
-
-
-def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(main())
-
-
-def group() -> str:
-    return f"cg-{uuid.uuid4().hex[:10]}"
 
 
 def topic_name(prefix: str = "t") -> str:
@@ -74,33 +67,6 @@ async def component(consumer_id: str | None = None, **props: str) -> JetStreamPu
     ps = JetStreamPubSub()
     await ps.init(info(natsURL=URL, consumerID=consumer_id or group(), **props))
     return ps
-
-
-class Inbox:
-    def __init__(self, fail: Callable[[Message], bool] | None = None, hold: float = 0.0) -> None:
-        self.messages: list[Message] = []
-        self.attempts: list[Message] = []
-        self._fail = fail
-        self._hold = hold
-
-    async def __call__(self, msg: Message) -> None:
-        self.attempts.append(msg)
-        if self._hold:
-            await asyncio.sleep(self._hold)
-        if self._fail is not None and self._fail(msg):
-            raise RuntimeError("test: handler failure")
-        self.messages.append(msg)
-
-    @property
-    def data(self) -> list[bytes]:
-        return [m.data for m in self.messages]
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 # -- metadata -----------------------------------------------------------------------------------

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 import uuid
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import pytest
 
@@ -20,6 +17,8 @@ from pillion.components.pubsub.mqtt3 import (
     _session_client_id,
 )
 from tests.conformance.conftest import require_server
+from tests.polling import run, until
+from tests.unit.components.pubsub_helpers import Inbox, group
 
 HOST, PORT = "127.0.0.1", 1883
 URL = f"tcp://{HOST}:{PORT}"
@@ -34,14 +33,6 @@ def info(**props: str) -> ComponentInfo:
     return ComponentInfo("pubsub", "pubsub.mqtt3", "v1", "app", Properties(props))
 
 
-def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(main())
-
-
-def group() -> str:
-    return f"cg-{uuid.uuid4().hex[:10]}"
-
-
 def topic_name(prefix: str = "t") -> str:
     return f"pillion-test/{prefix}-{uuid.uuid4().hex[:10]}"
 
@@ -50,30 +41,6 @@ async def component(consumer_id: str | None = None, **props: str) -> MQTTPubSub:
     ps = MQTTPubSub()
     await ps.init(info(url=URL, consumerID=consumer_id or group(), **props))
     return ps
-
-
-class Inbox:
-    def __init__(self, fail: Callable[[Message], bool] | None = None) -> None:
-        self.messages: list[Message] = []
-        self.attempts: list[Message] = []
-        self._fail = fail
-
-    async def __call__(self, msg: Message) -> None:
-        self.attempts.append(msg)
-        if self._fail is not None and self._fail(msg):
-            raise RuntimeError("test: handler failure")
-        self.messages.append(msg)
-
-    @property
-    def data(self) -> list[bytes]:
-        return [m.data for m in self.messages]
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 # -- metadata -----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import calendar
 import json
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,14 +37,11 @@ from pillion.components.state.mysql import (
     parse_dsn,
 )
 from tests.conformance.conftest import require_server
+from tests.polling import run
 
 HOST, PORT = "127.0.0.1", 3306
 DSN_TEXT = "root:@tcp(127.0.0.1:3306)/?allowNativePasswords=true"
 SCHEMA = "test"
-
-
-def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(main())
 
 
 def info(**props: str) -> ComponentInfo:

@@ -8,7 +8,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,6 +30,7 @@ from pillion.components.pubsub.api import (
 )
 from pillion.components.pubsub.rabbitmq import RabbitMQMetadata, RabbitMQPubSub
 from tests.conformance.conftest import require_server
+from tests.polling import eventually
 
 HOST, PORT = "127.0.0.1", 5672
 URL = f"amqp://guest:guest@{HOST}:{PORT}"
@@ -50,14 +51,6 @@ def info(**props: str) -> ComponentInfo:
 @pytest.fixture
 def server() -> None:
     require_server("rabbitmq", HOST, PORT)
-
-
-async def eventually(cond: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"after {timeout:g}s: {what()}")
-        await asyncio.sleep(0.01)
 
 
 class Inbox:

@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -29,6 +29,7 @@ from pillion.components.pubsub.redis import (
     _millis_integers,
 )
 from tests.conformance.conftest import require_server
+from tests.polling import eventually, run
 
 HOST, PORT = "127.0.0.1", 6379
 
@@ -75,14 +76,6 @@ async def open_pubsub(group: str | None = None, **props: str) -> RedisPubSub:
     return ps
 
 
-async def eventually(cond: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"after {timeout:g}s: {what()}")
-        await asyncio.sleep(0.01)
-
-
 class Inbox:
     """Records deliveries with their time; `fail` decides per message whether the handler raises."""
 
@@ -105,10 +98,6 @@ class Inbox:
 async def pending_count(client: aioredis.Redis, topic: str, group: str) -> int:
     summary: Any = await client.xpending(topic, group)
     return int(summary["pending"])
-
-
-def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(main())
 
 
 # -- metadata ---------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import asyncio
 import calendar
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -35,6 +35,7 @@ from pillion.components.state.redis import (
     _millis_integers,
 )
 from tests.conformance.conftest import require_server
+from tests.polling import run
 
 HOST, PORT = "127.0.0.1", 6379
 # This module's own database: flushed before and after each test (the conformance suite
@@ -95,10 +96,6 @@ async def raw() -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
-
-
-def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(main())
 
 
 async def etag_of(store: RedisStateStore, key: str) -> str:

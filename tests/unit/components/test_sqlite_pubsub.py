@@ -12,7 +12,6 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from pillion.components.pubsub.api import (
     SubscribeRequest,
 )
 from pillion.components.pubsub.sqlite import SQLitePubSub
+from tests.polling import eventually
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -46,14 +46,6 @@ async def open_broker(db: Path | str, group: str = "g", **props: str) -> SQLiteP
 def raw(db: Path, sql: str) -> Any:
     with sqlite3.connect(db) as conn:
         return conn.execute(sql).fetchone()[0]
-
-
-async def eventually(cond: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"after {timeout:g}s: {what()}")
-        await asyncio.sleep(0.01)
 
 
 class Inbox:

@@ -28,6 +28,7 @@ from pillion.observability.exporters import (
 from pillion.observability.tracing import CLIENT, INTERNAL, SERVER, Span, SpanContext, Tracer
 from pillion.transport.http import Request, Response
 from pillion.transport.server import HttpServer
+from tests.polling import until
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
@@ -51,16 +52,6 @@ def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, Any]], 
 
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll `predicate` until true or fail after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import pytest
@@ -27,6 +27,7 @@ from pillion.observability.tracing import (
     parse_tracestate,
     sampling_rate,
 )
+from tests.polling import until
 
 T = TypeVar("T")
 
@@ -43,15 +44,6 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         return await asyncio.wait_for(coro, 30)
 
     return asyncio.run(bounded())
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll `predicate` until true or fail after `timeout` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
 
 
 class Recorder:
