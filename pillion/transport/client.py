@@ -366,8 +366,8 @@ class HttpClient:
         """
         if self._closed:
             raise TransportError("client is closed")
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        # get_running_loop() costs a getpid() system call on 3.11: only when it is needed.
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         key = (host, port)
         pool = self._pools.get(key)
         if pool is None:
@@ -396,7 +396,7 @@ class HttpClient:
                 conn.abort()
                 raise
         if conn is None:
-            conn = await self._connect(loop, key, pool, deadline)
+            conn = await self._connect(asyncio.get_running_loop(), key, pool, deadline)
             try:
                 response = await conn.send(data, head, deadline)
             except BaseException:
