@@ -677,15 +677,13 @@ class JetStreamSubscription:
         limit: int,
     ) -> None:
         self.topic = topic
-        self.stream = stream
-        self.consumer = consumer
         self._owner = owner
+        self._target(stream, consumer)
         self._meta = meta
         self._handler = handler
         self._limit = limit
         self._acks = meta.acks()
         self._inbox: Subscription | None = None
-        self._next_subject = f"{owner.api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._credits = 0  # messages asked for and not come yet
         # Messages held here (come, not yet acked or naked), for the in-progress acks; by
         # id(), as Msg is not hashable.
@@ -750,8 +748,10 @@ class JetStreamSubscription:
     async def _ask_after(self, delay: float, *, recreate: bool) -> None:
         if delay:
             await asyncio.sleep(delay)
-        if recreate:
-            await self._recreate()
+        if recreate and not await self._recreate():
+            # Asking a consumer that is not there would wait for ever: try again later.
+            self._retry_later("the stream or consumer cannot be made", recreate=True)
+            return
         await self._ask()
 
     def _retry_later(self, why: str, *, recreate: bool = False) -> None:
@@ -774,15 +774,24 @@ class JetStreamSubscription:
         self._credits = 0
         self._spawn(self._ask_after(0, recreate=True))
 
-    async def _recreate(self) -> None:
-        """Make the stream and consumer again after the server lost them (deleted, say)."""
+    async def _recreate(self) -> bool:
+        """Make the stream and consumer again when the server lost them (deleted, say); the
+        stream may now be another one (the topic's own, made anew). False: not possible now."""
         owner = self._owner
         owner._streams.pop(self.topic, None)
         try:
             stream = await owner._stream_for(self.topic)
-            await owner._consumer_for(stream, self.topic)
+            consumer = await owner._consumer_for(stream, self.topic)
         except (TimeoutError, nats.errors.Error, PubSubError) as exc:
             log.debug("jetstream: recreating the consumer of %r failed: %r", self.topic, exc)
+            return False
+        self._target(stream, consumer)
+        return True
+
+    def _target(self, stream: str, consumer: str) -> None:
+        self.stream = stream
+        self.consumer = consumer
+        self._next_subject = f"{self._owner.api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
 
     # -- receiving ---------------------------------------------------------------------------
 

@@ -361,6 +361,27 @@ def test_deleted_consumer_is_made_again(server: None) -> None:
     run(main)
 
 
+def test_deleted_stream_is_made_again_under_the_topics_name(server: None) -> None:
+    # The subscription found the topic in another stream; that stream is deleted, so the
+    # consumer is made again on a new stream named after the topic, and pulled from there.
+    async def main() -> None:
+        topic = topic_name()
+        other = safe_name(f"{topic}-other")
+        async with broker(topic, streams=(other,)) as jsm:
+            await jsm.add_stream(name=other, subjects=[topic])
+            ps = await component()
+            inbox = Inbox()
+            sub = await ps.subscribe(SubscribeRequest(topic), inbox)
+            assert isinstance(sub, JetStreamSubscription) and sub.stream == other
+            await jsm.delete_stream(other)
+            await until(lambda: sub.stream == safe_name(topic))
+            await ps.publish(topic, b"after", {})
+            await until(lambda: inbox.data == [b"after"])
+            await ps.close()
+
+    run(main)
+
+
 def test_long_handler_keeps_its_message_with_progress_acks(server: None) -> None:
     async def main() -> None:
         topic, cg = topic_name(), group()
