@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import socket
@@ -44,3 +45,19 @@ def require_server(name: str, host: str, port: int, timeout: float = 1.0) -> Non
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+async def delete_jetstream_streams(topics: list[str]) -> None:
+    """Delete the JetStream streams that hold `topics`: the server keeps streams for ever and
+    lists them 256 to a page, so tests that make streams remove them."""
+    import nats
+    import nats.js.errors
+
+    nc = await nats.connect("nats://127.0.0.1:4222")
+    try:
+        jsm = nc.jsm()
+        for topic in topics:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await jsm.delete_stream(await jsm.find_stream_name_by_subject(topic))
+    finally:
+        await nc.close()

@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from pillion.components.pubsub.api import (
     SubscribeRequest,
     Subscription,
 )
-from tests.conformance.conftest import require_server
+from tests.conformance.conftest import delete_jetstream_streams, require_server
 from tests.polling import eventually
 
 # The contract these tests hold every broker to (beyond api.py's docstrings):
@@ -46,7 +46,8 @@ from tests.polling import eventually
 # Adding a broker: give its type a row in BACKENDS (Dapr's metadata names, a server on 127.0.0.1)
 # and set the flags below to what it truly does. Every test uses fresh topics and a fresh
 # consumer group, so a broker that persists (queues, streams, sessions) needs no cleanup between
-# tests or runs.
+# tests; `cleanup` removes what a test's topics left on a server that would otherwise keep it for
+# ever (JetStream streams: the server lists them 256 to a page, and runs add up).
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class Backend:
     quiet_s: float = 1.0
     # A published message reaches a subscribed handler within this many seconds.
     deliver_s: float = 10.0
+    # Removes what the given topics left on the server, after the test's components closed.
+    cleanup: Callable[[list[str]], Awaitable[None]] | None = None
 
 
 # One row per registered pubsub type. The server-backed rows are owned by their component's
@@ -143,6 +146,7 @@ BACKENDS: dict[str, Backend] = {
         },
         ("nats", "127.0.0.1", 4222),
         quiet_s=3.0,  # longer than ackWait
+        cleanup=delete_jetstream_streams,
     ),
 }
 
@@ -179,12 +183,15 @@ class Brokers:
         self.group = self.new_group()
         self._components: list[PubSub] = []
         self._subscriptions: list[Subscription] = []
+        self._topics: set[str] = set()  # for the backend's cleanup
 
     def new_group(self) -> str:
         return f"cg-{uuid.uuid4().hex[:12]}"
 
     def topic(self, name: str = "t") -> str:
-        return f"pillion-{self.run}-{name}"
+        topic = f"pillion-{self.run}-{name}"
+        self._topics.add(topic)
+        return topic
 
     async def new(self, consumer_id: str | None = None, **extra: str) -> PubSub:
         props = {**self._base, "consumerID": consumer_id or self.group, **extra}
@@ -201,6 +208,7 @@ class Brokers:
     ) -> Subscription:
         sub = await ps.subscribe(SubscribeRequest(topic, metadata), handler)
         self._subscriptions.append(sub)
+        self._topics.add(topic)
         return sub
 
     async def unsubscribe(self, sub: Subscription) -> None:
@@ -226,6 +234,8 @@ class Brokers:
                 errors.append(exc)
         self._subscriptions.clear()
         self._components.clear()
+        if self.backend.cleanup is not None and self._topics:
+            await self.backend.cleanup(sorted(self._topics))
         if errors:
             raise errors[0]
 

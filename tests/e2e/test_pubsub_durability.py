@@ -6,6 +6,7 @@ duplicates are allowed (they keep the CloudEvent id) and reported.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pillion.testing.procs import Proc, free_port, start_sidecar, wait_until
-from tests.conformance.conftest import require_server
+from tests.conformance.conftest import delete_jetstream_streams, require_server
 from tests.e2e.conftest import APPS, call
 
 TOTAL = 2000
@@ -130,3 +131,5 @@ def test_no_loss_across_sidecar_kills(broker: str, tmp_path: Path, home: Path) -
     finally:
         for p in reversed(procs):
             p.kill()
+        if broker == "pubsub.jetstream":
+            asyncio.run(delete_jetstream_streams([topic]))  # the server keeps streams for ever
