@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,6 +92,14 @@ def call(
     out = Reply(r.status, r.reason, {k.lower(): v for k, v in r.getheaders()}, r.read())
     conn.close()
     return out
+
+
+def failed_start(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `pillion sidecar` with `args` (and a free HTTP port) where it is expected to stop
+    during start-up; the finished process, output captured."""
+    cmd = [sys.executable, "-m", "pillion", "sidecar", *args]
+    cmd += ["--dapr-http-port", str(free_port()), "--pillion-home", str(home)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
 
 
 def start_app(app_id: str) -> tuple[Proc, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pillion.testing.procs import Proc, Sidecar, free_port, start_sidecar, wait_until
-from tests.e2e.conftest import call
+from tests.e2e.conftest import call, failed_start
 from tests.e2e.observe import component, sqlite_pubsub, start_observed
 
 pytestmark = pytest.mark.e2e
@@ -195,34 +195,14 @@ def test_grpc_server_and_component_init(pair: Pair) -> None:
 
 
 def test_bad_metrics_config_stops_start_up(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     config = tmp_path / "config.yaml"
     config.write_text(
         "apiVersion: dapr.io/v1alpha1\nkind: Configuration\nmetadata: {name: c}\nspec:\n"
         "  metrics:\n    latencyDistributionBuckets: [5, 1]\n"
     )
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pillion",
-            "sidecar",
-            "--app-id",
-            "badmetrics",
-            "--config",
-            str(config),
-            "--dapr-http-port",
-            str(free_port()),
-            "--metrics-port",
-            str(free_port()),
-            "--pillion-home",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    metrics_port = str(free_port())
+    r = failed_start(
+        tmp_path, "--app-id", "badmetrics", "--config", str(config), "--metrics-port", metrics_port
     )
     assert r.returncode == 1
     assert "config.yaml" in r.stdout and "latencyDistributionBuckets" in r.stdout

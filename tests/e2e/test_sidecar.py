@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from pillion.testing.procs import Proc, free_port, http_status, start_sidecar, wait_until
-from tests.e2e.conftest import Pair, call, start_app
+from tests.e2e.conftest import Pair, call, failed_start, start_app
 
 
 def test_outbound_ready_before_app(home: Path, resources: Path) -> None:
@@ -124,27 +123,9 @@ BAD_MANIFESTS = {
 }
 
 
-def failed_start(resources: Path, home: Path) -> tuple[int, str]:
-    """Run a sidecar expected to stop during start-up: its exit code and output."""
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pillion",
-            "sidecar",
-            "--app-id",
-            "bad",
-            "--resources-path",
-            str(resources),
-            "--dapr-http-port",
-            str(free_port()),
-            "--pillion-home",
-            str(home),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+def bad_start(resources: Path, home: Path) -> tuple[int, str]:
+    """A sidecar expected to stop during start-up: its exit code and output."""
+    r = failed_start(home, "--app-id", "bad", "--resources-path", str(resources))
     return r.returncode, r.stdout + r.stderr
 
 
@@ -153,7 +134,7 @@ def test_bad_manifest_stops_startup(tmp_path: Path, home: Path, case: str) -> No
     text, field = BAD_MANIFESTS[case]
     (tmp_path / "ok.yaml").write_text("")
     (tmp_path / "broken.yaml").write_text("---\n# first doc is fine\n---\n" + text)
-    code, out = failed_start(tmp_path, home)
+    code, out = bad_start(tmp_path, home)
     assert code != 0, out
     assert "broken.yaml" in out and field in out, out
     assert "Traceback" not in out
@@ -164,7 +145,7 @@ def test_bad_component_metadata_and_unknown_type(tmp_path: Path, home: Path) -> 
         "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: s}\nspec:\n"
         "  type: state.nosuch\n  version: v1\n"
     )
-    code, out = failed_start(tmp_path, home)
+    code, out = bad_start(tmp_path, home)
     assert code != 0 and "state.nosuch" in out and "Traceback" not in out
     (tmp_path / "c.yaml").write_text(
         "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: s}\nspec:\n"
