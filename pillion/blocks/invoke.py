@@ -194,20 +194,6 @@ def continue_trace(
             traceparent = v
         elif k == b"tracestate":
             tracestate = v
-    return continue_found(tracer, headers, name, kind, at, traceparent, tracestate)
-
-
-def continue_found(
-    tracer: Tracer,
-    headers: Headers,
-    name: str,
-    kind: int,
-    at: int,
-    traceparent: bytes | None,
-    tracestate: bytes | None,
-) -> tuple[Span | None, bytes | None]:
-    """continue_trace() for a caller that already scanned the headers: `traceparent` was found at
-    index `at` (-1: absent)."""
     parent = None if traceparent is None else parse_traceparent(traceparent, tracestate)
     span, ctx = tracer.start(name, parent, kind)
     if ctx is None:
@@ -414,41 +400,24 @@ class InvokeBlock:
         self, verb: str, target: bytes, headers: Headers, body: bytes
     ) -> InvokeResponse:
         """A call from another sidecar over the internal link; deliver it to our app."""
-        tracer = self.tracer
-        tracing = tracer is not None and tracer.enabled
-        # One pass finds the link's ids (and, when tracing, the trace context): a call carries
-        # ten or so headers, and every pass over them shows in the throughput.
         callee = caller = b""
-        at = -1
-        traceparent = tracestate = None
-        if tracing:
-            for i, (k, v) in enumerate(headers):
-                if k == CALLEE_HEADER:
-                    callee = v
-                elif k == CALLER_HEADER:
-                    caller = v
-                elif k == b"traceparent":
-                    at = i
-                    traceparent = v
-                elif k == b"tracestate":
-                    tracestate = v
-        else:
-            for k, v in headers:
-                if k == CALLEE_HEADER:
-                    callee = v
-                elif k == CALLER_HEADER:
-                    caller = v
+        for k, v in headers:
+            if k == CALLEE_HEADER:
+                callee = v
+            elif k == CALLER_HEADER:
+                caller = v
         if callee.decode("utf-8", "replace") != self.app_id:
             raise direct_invoke(
                 f"failed to invoke, id: {callee.decode('utf-8', 'replace')}, err: this sidecar "
                 f"serves app id {self.app_id!r}",
                 404,
             )
+        tracer = self.tracer
         span = None
-        if tracing and tracer is not None:
+        if tracer is not None and tracer.enabled:
             # daprd's model: one server span covers the hop and the call to the app, and the app
             # gets its context (a call to the own app continues the API span, as the router set).
-            span, _ = continue_found(tracer, headers, "", SERVER, at, traceparent, tracestate)
+            span, _ = continue_trace(tracer, headers, "", SERVER)
         metrics = self.metrics
         src = caller.decode("utf-8", "replace")
         if metrics is not None:
