@@ -127,47 +127,41 @@ def parse_traceparent(
     """
     if value is None:
         return None
-    if value.__class__ is bytes and len(value) == 55 and value[:3] == b"00-":
-        # The common case, checked without the regex: dashes in place, lowercase hex only
-        # (unhexlify takes uppercase too, so compare with the lowercased value).
+    if isinstance(value, bytes) and len(value) == 55 and value[:3] == b"00-":
+        # The common case (a header), checked without the regex: dashes in place and lowercase
+        # here (unhexlify takes uppercase), hex digits by unhexlify below.
         if value[35] != 0x2D or value[52] != 0x2D or value.lower() != value:
             return None
-        try:
-            trace_id = _unhexlify(value[3:35])
-            span_id = _unhexlify(value[36:52])
-            flags = _unhexlify(value[53:55])
-        except binascii.Error:
-            return None
-        if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
-            return None
-        state = parse_tracestate(tracestate) if tracestate else ""
-        return SpanContext(trace_id, span_id, bool(flags[0] & 1), state)
-    if isinstance(value, str):
-        try:
-            value = value.encode("ascii")
-        except UnicodeEncodeError:
-            return None
-    size = len(value)
-    if size != 55:  # the common case skips the strip
-        value = value.strip(b" \t")
+    else:
+        if isinstance(value, str):
+            try:
+                value = value.encode("ascii")
+            except UnicodeEncodeError:
+                return None
         size = len(value)
-        if size < 55:
-            return None
-    if _TRACEPARENT.match(value) is None:
-        return None
-    version = value[:2]
-    if version == b"00":
         if size != 55:
+            value = value.strip(b" \t")
+            size = len(value)
+            if size < 55:
+                return None
+        if _TRACEPARENT.match(value) is None:
             return None
-    elif version == b"ff" or (size > 55 and value[55] != 0x2D):  # "-" after the known fields
+        version = value[:2]
+        if version == b"00":
+            if size != 55:
+                return None
+        elif version == b"ff" or (size > 55 and value[55] != 0x2D):  # "-" after the known fields
+            return None
+    try:
+        trace_id = _unhexlify(value[3:35])
+        span_id = _unhexlify(value[36:52])
+        flags = _unhexlify(value[53:55])
+    except binascii.Error:  # only the header path above leaves the hex digits to this
         return None
-    trace_id = _unhexlify(value[3:35])
-    span_id = _unhexlify(value[36:52])
     if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
-    sampled = value[54] in b"13579bdf"  # the low bit of the flags byte
     state = parse_tracestate(tracestate) if tracestate else ""
-    return SpanContext(trace_id, span_id, sampled, state)
+    return SpanContext(trace_id, span_id, bool(flags[0] & 1), state)  # sampled: the low bit
 
 
 def parse_tracestate(value: bytes | str | None) -> str:
