@@ -805,9 +805,7 @@ class JetStreamSubscription:
             log.info("jetstream: pulling %r again", self.topic)
             self._failing, self._backoff = False, _BACKOFF_MIN
         if self._closing:
-            # Came while closing: back to the consumer at once for another member.
-            if self._acks:
-                await self._settle(msg.nak(), "nak")
+            await self._give_back(msg)
             return
         self._held[id(msg)] = msg
         if self._limit == 1:
@@ -821,7 +819,6 @@ class JetStreamSubscription:
         headers = msg.headers or {}
         if status == js_api.StatusCode.CONTROL_MESSAGE:
             return  # heartbeat or flow control
-        description = headers.get(js_api.Header.DESCRIPTION, "")
         if status in (js_api.StatusCode.NO_MESSAGES, js_api.StatusCode.REQUEST_TIMEOUT):
             # A request ended; the server says how many of its messages did not come.
             left = headers.get("Nats-Pending-Messages")
@@ -831,6 +828,7 @@ class JetStreamSubscription:
                 self._credits = 0
             self._spawn(self._ask())
             return
+        description = headers.get(js_api.Header.DESCRIPTION, "")
         recreate = "deleted" in description.lower()
         self._retry_later(f"{status} {description}".strip(), recreate=recreate)
 
@@ -841,11 +839,16 @@ class JetStreamSubscription:
             if msg is None:
                 return
             if self._closing:
-                if self._acks:
-                    await self._settle(msg.nak(), "nak")
-                self._held.pop(id(msg), None)
+                await self._give_back(msg)
                 continue
             await self._handle(msg)
+
+    async def _give_back(self, msg: Msg) -> None:
+        """Closing: a message not started goes back to the consumer at once, for another
+        member (a nak without delay)."""
+        self._held.pop(id(msg), None)
+        if self._acks:
+            await self._settle(msg.nak(), "nak")
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -916,11 +919,10 @@ class JetStreamSubscription:
                     task.cancel()
                 if pending:
                     await asyncio.gather(*pending, return_exceptions=True)
-                    stuck = len(pending) - (1 if self._worker in pending else 0)
                     log.warning(
                         "jetstream: %d handlers of %r did not finish within %gs; their "
                         "messages are delivered again after ackWait",
-                        max(stuck, 1),
+                        len(pending),  # handler tasks, or the one ordered worker
                         self.topic,
                         self._owner.close_grace,
                     )
@@ -938,10 +940,6 @@ class JetStreamSubscription:
         finally:
             self._owner._forget(self)
             self._closed.set()
-
-    @property
-    def close_grace(self) -> float:
-        return self._owner.close_grace
 
 
 def _message_metadata(msg: Msg) -> dict[str, str]:
