@@ -24,7 +24,7 @@ from pillion.components.pubsub.jetstream import (
     safe_name,
     subject_covers,
 )
-from tests.conformance.conftest import require_server
+from tests.conformance.conftest import delete_jetstream_streams, require_server
 from tests.polling import run, until
 from tests.unit.components.pubsub_helpers import Inbox, group
 
@@ -53,11 +53,8 @@ async def broker(*topics: str, streams: tuple[str, ...] = ()) -> AsyncIterator[J
     try:
         yield jsm
     finally:
-        names = set(streams)
-        for topic in topics:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                names.add(await jsm.find_stream_name_by_subject(topic))
-        for name in names:
+        await delete_jetstream_streams(list(topics))
+        for name in streams:
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await jsm.delete_stream(name)
         await nc.close()
