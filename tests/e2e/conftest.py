@@ -102,6 +102,12 @@ def failed_start(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
 
 
+def bad_start(resources: Path, home: Path) -> tuple[int, str]:
+    """A sidecar expected to stop during start-up: its exit code and output."""
+    r = failed_start(home, "--app-id", "bad", "--resources-path", str(resources))
+    return r.returncode, r.stdout + r.stderr
+
+
 def start_app(app_id: str) -> tuple[Proc, int]:
     port = free_port()
     proc = Proc.start(

@@ -12,8 +12,7 @@ import pytest
 from dapr.clients import DaprClient
 
 from pillion.testing.procs import Sidecar, start_sidecar
-from tests.e2e.conftest import call
-from tests.e2e.test_sidecar import failed_start
+from tests.e2e.conftest import bad_start, call
 
 ENV_PREFIX = "PILLION_E2E_SECRET_"
 
@@ -318,7 +317,7 @@ def test_bad_secret_key_ref_stops_startup(tmp_path: Path, home: Path) -> None:
         "  - name: connectionString\n    secretKeyRef: {name: absent}\n"
         "auth: {secretStore: files}\n"
     )
-    code, out = failed_start(tmp_path, home)
+    code, out = bad_start(tmp_path, home)
     assert code == 1, out
     assert (
         "component statestore (state.sqlite/v1) from " in out
@@ -335,7 +334,7 @@ def test_missing_auth_secret_store_stops_startup(tmp_path: Path, home: Path) -> 
         "  type: state.sqlite\n  version: v1\n  metadata:\n"
         "  - name: connectionString\n    secretKeyRef: {name: db, key: conn}\n"
     )
-    code, out = failed_start(tmp_path, home)
+    code, out = bad_start(tmp_path, home)
     assert code == 1, out
     assert "component statestore" in out and "auth.secretStore is not set" in out, out
     assert "Traceback" not in out

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pillion.testing.procs import Proc, free_port, http_status, start_sidecar, wait_until
-from tests.e2e.conftest import Pair, call, failed_start, start_app
+from tests.e2e.conftest import Pair, bad_start, call, start_app
 
 
 def test_outbound_ready_before_app(home: Path, resources: Path) -> None:
@@ -121,12 +121,6 @@ BAD_MANIFESTS = {
         "spec.metadata[0]",
     ),
 }
-
-
-def bad_start(resources: Path, home: Path) -> tuple[int, str]:
-    """A sidecar expected to stop during start-up: its exit code and output."""
-    r = failed_start(home, "--app-id", "bad", "--resources-path", str(resources))
-    return r.returncode, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("case", sorted(BAD_MANIFESTS))
