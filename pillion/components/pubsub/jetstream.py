@@ -12,6 +12,7 @@ import os
 import re
 import ssl
 import tempfile
+import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,9 @@ _SERVER_ACK_WAIT = 30.0
 _MAX_BATCH = 256
 # Back-off before asking again after the server ended a subscription's requests, in seconds.
 _BACKOFF_MIN, _BACKOFF_MAX = 0.2, 5.0
+# A subscription that heard nothing from the server for this long checks that its consumer
+# still exists (seconds).
+IDLE_CHECK = 5.0
 # The API timeout of requests to JetStream (publish acks, stream and consumer management).
 _API_TIMEOUT = 10.0
 # Characters NATS does not allow in stream and consumer names.
@@ -696,6 +700,9 @@ class JetStreamSubscription:
         self._failing = False
         self._worker: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._heard = 0.0  # loop time of the last message or status from the server
+        self._clock = time.monotonic  # the loop's clock, once started
         self._closing = False
         self._closed = asyncio.Event()
 
@@ -708,6 +715,9 @@ class JetStreamSubscription:
             self._ticker = loop.create_task(
                 self._keep_alive(), name=f"pubsub.jetstream progress {self.topic}"
             )
+        self._clock = loop.time
+        self._heard = loop.time()
+        self._watcher = loop.create_task(self._watch(), name=f"pubsub.jetstream watch {self.topic}")
         await self._ask()
 
     # -- asking for messages -----------------------------------------------------------------
@@ -795,7 +805,29 @@ class JetStreamSubscription:
 
     # -- receiving ---------------------------------------------------------------------------
 
+    async def _watch(self) -> None:
+        """A request that reaches the server after its consumer was deleted (the stream deleted
+        while it was on its way, say) gets no answer and no 409: while nothing is heard, look
+        every IDLE_CHECK seconds whether the consumer is still there, and make it again if
+        not."""
+        clock = self._clock
+        while True:
+            await asyncio.sleep(max(self._heard + IDLE_CHECK - clock(), 0.0))
+            if clock() - self._heard < IDLE_CHECK:
+                continue
+            self._heard = clock()
+            if not self._credits:
+                continue  # nothing asked for (full, or a retry is on its way)
+            try:
+                jsm, _ = self._owner._require_jsm()
+                await jsm.consumer_info(self.stream, self.consumer)
+            except nats.js.errors.NotFoundError:
+                self._retry_later("the consumer is gone", recreate=True)
+            except (TimeoutError, nats.errors.Error, PubSubError) as exc:
+                log.debug("jetstream: checking the consumer of %r failed: %r", self.topic, exc)
+
     async def _on_message(self, msg: Msg) -> None:
+        self._heard = self._clock()
         status = (msg.headers or {}).get(js_api.Header.STATUS)
         if status:
             self._on_status(status, msg)
@@ -926,9 +958,10 @@ class JetStreamSubscription:
                         self.topic,
                         self._owner.close_grace,
                     )
-            if self._ticker is not None:
-                self._ticker.cancel()
-                await asyncio.gather(self._ticker, return_exceptions=True)
+            for ticker in (self._ticker, self._watcher):
+                if ticker is not None:
+                    ticker.cancel()
+                    await asyncio.gather(ticker, return_exceptions=True)
             if self._inbox is not None:
                 # Drain: the server stops sending to the inbox, and what it sent before that
                 # still reaches _on_message, which gives it back (nak) at once.

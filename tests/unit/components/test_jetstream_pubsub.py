@@ -16,6 +16,7 @@ import pytest
 from nats.js.manager import JetStreamManager
 
 from pillion.components.metadata import ComponentConfigError, ComponentInfo, Properties, decode
+from pillion.components.pubsub import jetstream
 from pillion.components.pubsub.api import Feature, Message, PubSubError, SubscribeRequest
 from pillion.components.pubsub.jetstream import (
     JetStreamMetadata,
@@ -362,9 +363,39 @@ def test_deleted_consumer_is_made_again(server: None) -> None:
     run(main)
 
 
-def test_deleted_stream_is_made_again_under_the_topics_name(server: None) -> None:
+def test_consumer_deleted_unheard_is_made_again_by_the_idle_check(
+    server: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pull request that reaches the server after its consumer was deleted gets no answer,
+    # and no 409 tells the subscription: here the 409s are dropped, so only the idle check
+    # can find the consumer gone.
+    monkeypatch.setattr(jetstream, "IDLE_CHECK", 0.3)
+    heard: list[str] = []
+
+    def deaf(self: JetStreamSubscription, status: str, msg: object) -> None:
+        heard.append(status)
+
+    async def main() -> None:
+        async with one_subscriber() as (jsm, ps, sub, inbox):
+            monkeypatch.setattr(JetStreamSubscription, "_on_status", deaf)
+            await jsm.delete_consumer(sub.stream, sub.consumer)
+            await until(lambda: "409" in heard)  # the server did say it, to deaf ears
+            await ps.publish(sub.topic, b"after", {})
+            await until(lambda: inbox.data == [b"after"])
+            await ps.close()
+
+    run(main)
+
+
+def test_deleted_stream_is_made_again_under_the_topics_name(
+    server: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The subscription found the topic in another stream; that stream is deleted, so the
     # consumer is made again on a new stream named after the topic, and pulled from there.
+    # The request may reach the server after the deletion and get no 409: the idle check
+    # finds the consumer gone then.
+    monkeypatch.setattr(jetstream, "IDLE_CHECK", 0.5)
+
     async def main() -> None:
         topic = topic_name()
         other = safe_name(f"{topic}-other")
