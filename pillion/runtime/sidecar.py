@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -392,6 +393,7 @@ class Sidecar:
         log.info(
             "dapr initialized. Status: Running. Init Elapsed %dms", (time.monotonic() - t0) * 1000
         )
+        _settle_gc()
 
     async def _start_subscriptions(self, app: AppChannel) -> None:
         """Declarative and programmatic subscriptions, once the app is reachable (§12.4)."""
@@ -511,3 +513,16 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main(sys.argv[1:]))
+
+
+# Young objects the cyclic collector may see before it runs (CPython's default is 700).
+GC_THRESHOLD = 10_000
+
+
+def _settle_gc() -> None:
+    """Once started: what start-up built (modules, protobuf descriptors, manifests) lives as long
+    as the process, so the collector stops walking it (gc.freeze), and it runs less often.
+    Requests make little cyclic garbage; with CPython's defaults, spans waiting for export were
+    walked and promoted again and again (about 1.5 µs a traced request, measured)."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 10, 10)
