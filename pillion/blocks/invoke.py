@@ -15,8 +15,9 @@ from pillion.observability.tracing import (
     SERVER,
     SharedAttributes,
     SpanContext,
+    canonical_traceparent,
     format_traceparent,
-    parse_traceparent,
+    parse_tracestate,
 )
 from pillion.resiliency import CircuitOpen
 
@@ -182,10 +183,10 @@ def set_trace_context(headers: Headers, ctx: SpanContext) -> bytes:
 
 def continue_trace(
     tracer: Tracer, headers: Headers, name: str, kind: int
-) -> tuple[Span | None, bytes | None]:
+) -> tuple[Span | None, bytes]:
     """Start a span under the context `headers` carry and make them (in place) carry the span's
     own context on; one pass over the headers. Returns the span (None: not sampled) and the
-    traceparent value sent on (None: tracing is off)."""
+    traceparent value sent on. The tracer must be enabled."""
     at = -1
     traceparent = tracestate = None
     for i, (k, v) in enumerate(headers):
@@ -194,17 +195,14 @@ def continue_trace(
             traceparent = v
         elif k == b"tracestate":
             tracestate = v
-    parent = None if traceparent is None else parse_traceparent(traceparent, tracestate)
-    span, ctx = tracer.start(name, parent, kind)
-    if ctx is None:
-        return span, None
-    value = format_traceparent(ctx)
+    parent = None if traceparent is None else canonical_traceparent(traceparent)
+    # A child keeps its parent's tracestate, so the header (if any) goes on as it came.
+    state = parse_tracestate(tracestate) if tracestate and parent is not None else ""
+    span, value = tracer.continue_header(name, parent, state, kind)
     if at >= 0:
         headers[at] = (b"traceparent", value)
     else:
         headers.append((b"traceparent", value))
-    if ctx.tracestate and tracestate is None:
-        headers.append((b"tracestate", ctx.tracestate.encode("latin-1")))
     return span, value
 
 

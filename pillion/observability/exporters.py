@@ -265,7 +265,7 @@ def zipkin_json(spans: Sequence[Span], service_name: str) -> list[dict[str, Any]
     endpoint = {"serviceName": service_name}
     out: list[dict[str, Any]] = []
     for span in spans:
-        ctx = span.context
+        tp = span.traceparent
         start_us = span.start_ns // 1000
         end_ns = span.end_ns or span.start_ns
         tags = {key: _tag(value) for key, value in span.attributes.items()}
@@ -275,8 +275,8 @@ def zipkin_json(spans: Sequence[Span], service_name: str) -> list[dict[str, Any]
         elif span.status_code == 1:
             tags["otel.status_code"] = "OK"
         item: dict[str, Any] = {
-            "traceId": ctx.trace_id.hex(),
-            "id": ctx.span_id.hex(),
+            "traceId": tp[3:35].decode(),
+            "id": tp[36:52].decode(),
             "name": span.name,
             "timestamp": start_us,
             # Zipkin reads a 0 duration as "unknown"; a finished span lasted at least 1 µs.
@@ -284,8 +284,8 @@ def zipkin_json(spans: Sequence[Span], service_name: str) -> list[dict[str, Any]
             "localEndpoint": endpoint,
             "tags": tags,
         }
-        if span.parent_id:
-            item["parentId"] = span.parent_id.hex()
+        if span.parent:
+            item["parentId"] = span.parent.decode()
         kind = KIND_NAMES.get(span.kind)
         if kind is not None and kind != "INTERNAL":
             item["kind"] = kind
@@ -326,15 +326,15 @@ class StdoutExporter:
         if not logger.isEnabledFor(logging.INFO):
             return
         for span in spans:
-            ctx = span.context
+            tp = span.traceparent
             record = {
                 "service": service_name,
                 "name": span.name,
                 "kind": KIND_NAMES.get(span.kind, str(span.kind)),
-                "traceId": ctx.trace_id.hex(),
-                "spanId": ctx.span_id.hex(),
-                "parentId": span.parent_id.hex(),
-                "traceState": ctx.tracestate,
+                "traceId": tp[3:35].decode(),
+                "spanId": tp[36:52].decode(),
+                "parentId": span.parent.decode(),
+                "traceState": span.tracestate,
                 "start": span.start_ns,
                 "end": span.end_ns,
                 "durationMs": (span.end_ns - span.start_ns) / 1e6 if span.end_ns else 0.0,

@@ -7,6 +7,7 @@ the tests decode this output with the official generated classes.
 from __future__ import annotations
 
 import struct
+from binascii import unhexlify as _unhexlify
 from collections.abc import Sequence
 
 from pillion.observability.tracing import Attribute, SharedAttributes, Span
@@ -34,6 +35,9 @@ _ATTR_CACHE_VALUE_MAX = 128
 # Encoded Resource + InstrumentationScope per service name: one entry in practice.
 _HEAD_CACHE: dict[str, tuple[bytes, bytes]] = {}
 
+_VARINT2: dict[int, bytes] = {}  # at most 16,256 entries of 2 bytes
+_LEAD: dict[int, bytes] = {}  # a span field's tag and size, by size (few: spans share shapes)
+
 # Span.flags (field 16, fixed32): the W3C trace flags; every exported span is sampled.
 _FLAGS = b"\x85\x01\x01\x00\x00\x00"
 
@@ -41,6 +45,11 @@ _FLAGS = b"\x85\x01\x01\x00\x00\x00"
 def _varint(n: int) -> bytes:
     if n < 0x80:
         return _BYTE[n]
+    if n < 0x4000:  # the size of most spans: two bytes, kept once made
+        out2 = _VARINT2.get(n)
+        if out2 is None:
+            out2 = _VARINT2[n] = bytes(((n & 0x7F) | 0x80, n >> 7))
+        return out2
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -124,11 +133,10 @@ def _attributes(attributes: dict[str, Attribute]) -> bytes:
 
 def encode_span(span: Span) -> bytes:
     """One trace.v1.Span message (without its field tag)."""
-    ctx = span.context
-    parts = [b"\x0a\x10", ctx.trace_id, b"\x12\x08", ctx.span_id]
-    if ctx.tracestate:
-        parts.append(_delimited(b"\x1a", ctx.tracestate.encode()))
-    if span.parent_id:
+    parts = [b"\x0a\x10", span.trace_id, b"\x12\x08", span.span_id]
+    if span.tracestate:
+        parts.append(_delimited(b"\x1a", span.tracestate.encode()))
+    if span.parent:
         parts += (b"\x22\x08", span.parent_id)
     shape = (span.name, span.kind)
     head = _NAME_CACHE.get(shape)
@@ -199,32 +207,31 @@ def _encode_plain(span: Span) -> bytes | None:
     if attributes.__class__ is not SharedAttributes:
         return None
     encoded = attributes.encoded
-    ctx = span.context
     start = span.start_ns
     end = span.end_ns
-    if encoded is None or ctx.tracestate or span.status_message or not start or not end:
+    if encoded is None or span.tracestate or span.status_message or not start or not end:
         return None
     head = _NAME_CACHE.get((span.name, span.kind))
     status = _STATUS_CODE.get(span.status_code)
     if head is None or status is None:
         return None
-    parent = span.parent_id
-    body = b"".join(
-        (
-            b"\x0a\x10",
-            ctx.trace_id,
-            b"\x12\x08",
-            ctx.span_id,
-            b"\x22\x08" + parent if parent else b"",
-            head,
-            _pack_times(0x39, start, 0x41, end),
-            encoded,
-            status,
-            _FLAGS,
-        )
+    tp = span.traceparent
+    parent = span.parent
+    # trace_id (1), span_id (2) and parent_span_id (4) written in hex, then decoded at once.
+    if parent:
+        ids = b"0a10%s1208%s2208%s" % (tp[3:35], tp[36:52], parent)
+        size = 62 + len(head) + len(encoded) + len(status)  # ids 38, times 18, flags 6
+    else:
+        ids = b"0a10%s1208%s" % (tp[3:35], tp[36:52])
+        size = 52 + len(head) + len(encoded) + len(status)
+    lead = _LEAD.get(size)
+    if lead is None:
+        lead = b"\x12" + _varint(size)  # ScopeSpans.spans (2) and the size
+        if len(_LEAD) < _SHAPE_CACHE_MAX:
+            _LEAD[size] = lead
+    return b"".join(
+        (lead, _unhexlify(ids), head, _pack_times(0x39, start, 0x41, end), encoded, status, _FLAGS)
     )
-    size = len(body)
-    return b"".join((b"\x12", _BYTE[size] if size < 0x80 else _varint(size), body))
 
 
 # Status (field 15) with only a code: 0 is left out, as proto3 does.

@@ -27,6 +27,7 @@ __all__ = [
     "Span",
     "SpanContext",
     "Tracer",
+    "canonical_traceparent",
     "format_grpc_trace_bin",
     "format_traceparent",
     "parse_grpc_trace_bin",
@@ -59,6 +60,11 @@ DEFAULT_SAMPLING_RATE = 0.0001
 
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
+_ZERO_TRACE_HEX = b"0" * 32
+_ZERO_SPAN_HEX = b"0" * 16
+_HEX_DIGITS = b"0123456789abcdef"
+_ODD_DIGITS = b"13579bdf"  # a flags field's last hex digit when its low bit (sampled) is set
+_new = object.__new__
 _MASK64 = (1 << 64) - 1
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
@@ -76,36 +82,60 @@ _TS_MAX_MEMBERS = 32
 _OWS = " \t"
 
 
-class SpanContext:
-    """The part of a span that crosses process boundaries; immutable by convention."""
+class _TraceIds:
+    """The ids a version-00 traceparent holds, decoded from its hex."""
 
-    __slots__ = ("sampled", "span_id", "trace_id", "tracestate")
+    __slots__ = ()
 
-    trace_id: bytes
-    span_id: bytes
-    sampled: bool
+    traceparent: bytes
+
+    @property
+    def trace_id(self) -> bytes:
+        return _unhexlify(self.traceparent[3:35])
+
+    @property
+    def span_id(self) -> bytes:
+        return _unhexlify(self.traceparent[36:52])
+
+
+class SpanContext(_TraceIds):
+    """The part of a span that crosses process boundaries, kept as the version-00 traceparent
+    that carries it (so sending it on formats nothing); immutable by convention."""
+
+    __slots__ = ("traceparent", "tracestate")
+
+    traceparent: bytes
     tracestate: str
 
     def __init__(
         self, trace_id: bytes, span_id: bytes, sampled: bool, tracestate: str = ""
     ) -> None:
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.sampled = sampled
+        self.traceparent = b"00-%s-%s-%s" % (
+            _hexlify(trace_id),
+            _hexlify(span_id),
+            b"01" if sampled else b"00",
+        )
         self.tracestate = tracestate
+
+    @classmethod
+    def of(cls, traceparent: bytes, tracestate: str = "") -> SpanContext:
+        """The context a canonical traceparent (version 00, flags 00 or 01) already holds."""
+        ctx = _new(cls)
+        ctx.traceparent = traceparent
+        ctx.tracestate = tracestate
+        return ctx
+
+    @property
+    def sampled(self) -> bool:
+        return self.traceparent[54] == 0x31
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SpanContext):
             return NotImplemented
-        return (
-            self.trace_id == other.trace_id
-            and self.span_id == other.span_id
-            and self.sampled == other.sampled
-            and self.tracestate == other.tracestate
-        )
+        return self.traceparent == other.traceparent and self.tracestate == other.tracestate
 
     def __hash__(self) -> int:
-        return hash((self.trace_id, self.span_id, self.sampled, self.tracestate))
+        return hash((self.traceparent, self.tracestate))
 
     def __repr__(self) -> str:
         return (
@@ -127,41 +157,60 @@ def parse_traceparent(
     """
     if value is None:
         return None
-    if isinstance(value, bytes) and len(value) == 55 and value[:3] == b"00-":
-        # The common case (a header), checked without the regex: dashes in place and lowercase
-        # here (unhexlify takes uppercase), hex digits by unhexlify below.
-        if value[35] != 0x2D or value[52] != 0x2D or value.lower() != value:
+    canonical = canonical_traceparent(value)
+    if canonical is None:
+        return None
+    return SpanContext.of(canonical, parse_tracestate(tracestate) if tracestate else "")
+
+
+def canonical_traceparent(value: bytes | str) -> bytes | None:
+    """A traceparent header as the version-00 value its context is sent on with (flags 00 or
+    01); None when invalid. A valid version-00 header with those flags is returned as is."""
+    canonical = _canonical(value) if isinstance(value, bytes) else None
+    return canonical if canonical is not None else _canonical_slow(value)
+
+
+def _canonical(value: bytes) -> bytes | None:
+    """A version-00 traceparent header as pillion sends it on (flags 00 or 01); None when it
+    is not one, or is invalid (the general path decides)."""
+    if (
+        len(value) == 55
+        and value[:3] == b"00-"
+        and value[35] == 0x2D
+        and value[52] == 0x2D
+        and value.translate(None, _HEX_DIGITS) == b"---"  # the rest is lowercase hex
+        and value[3:35] != _ZERO_TRACE_HEX
+        and value[36:52] != _ZERO_SPAN_HEX
+    ):
+        if value[53] == 0x30 and (value[54] == 0x31 or value[54] == 0x30):
+            return value
+        return value[:53] + (b"01" if value[54] in _ODD_DIGITS else b"00")
+    return None
+
+
+def _canonical_slow(value: bytes | str) -> bytes | None:
+    if isinstance(value, str):
+        try:
+            value = value.encode("ascii")
+        except UnicodeEncodeError:
             return None
-    else:
-        if isinstance(value, str):
-            try:
-                value = value.encode("ascii")
-            except UnicodeEncodeError:
-                return None
+    size = len(value)
+    if size != 55:
+        value = value.strip(b" \t")
         size = len(value)
+        if size < 55:
+            return None
+    if _TRACEPARENT.match(value) is None:
+        return None
+    version = value[:2]
+    if version == b"00":
         if size != 55:
-            value = value.strip(b" \t")
-            size = len(value)
-            if size < 55:
-                return None
-        if _TRACEPARENT.match(value) is None:
             return None
-        version = value[:2]
-        if version == b"00":
-            if size != 55:
-                return None
-        elif version == b"ff" or (size > 55 and value[55] != 0x2D):  # "-" after the known fields
-            return None
-    try:
-        trace_id = _unhexlify(value[3:35])
-        span_id = _unhexlify(value[36:52])
-        flags = _unhexlify(value[53:55])
-    except binascii.Error:  # only the header path above leaves the hex digits to this
+    elif version == b"ff" or (size > 55 and value[55] != 0x2D):  # "-" after the known fields
         return None
-    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+    if value[3:35] == _ZERO_TRACE_HEX or value[36:52] == _ZERO_SPAN_HEX:
         return None
-    state = parse_tracestate(tracestate) if tracestate else ""
-    return SpanContext(trace_id, span_id, bool(flags[0] & 1), state)  # sampled: the low bit
+    return b"00" + value[2:53] + (b"01" if value[54] in _ODD_DIGITS else b"00")
 
 
 def parse_tracestate(value: bytes | str | None) -> str:
@@ -193,11 +242,7 @@ def parse_tracestate(value: bytes | str | None) -> str:
 
 def format_traceparent(ctx: SpanContext) -> bytes:
     """Encode `ctx` as a version 00 traceparent value."""
-    return b"00-%s-%s-%s" % (
-        _hexlify(ctx.trace_id),
-        _hexlify(ctx.span_id),
-        b"01" if ctx.sampled else b"00",
-    )
+    return ctx.traceparent
 
 
 # ---- grpc-trace-bin (OpenCensus binary format) ------------------------------------------------
@@ -287,25 +332,31 @@ class SharedAttributes(dict[str, Attribute]):
         self.encoded: bytes | None = None
 
 
-class Span:
-    """One sampled operation; end() hands it to its tracer's export queue."""
+class Span(_TraceIds):
+    """One sampled operation; end() hands it to its tracer's export queue.
+
+    Its ids stay in hex, as its traceparent carries them (the request path formats nothing);
+    exporters decode them in batches. `parent` is the parent's span id in hex, b"" for a root.
+    """
 
     __slots__ = (
         "_tracer",
         "attributes",
-        "context",
         "end_ns",
         "kind",
         "name",
-        "parent_id",
+        "parent",
         "start_ns",
         "status_code",
         "status_message",
+        "traceparent",
+        "tracestate",
     )
 
     name: str
-    context: SpanContext
-    parent_id: bytes
+    traceparent: bytes
+    tracestate: str
+    parent: bytes
     kind: int
     start_ns: int
     end_ns: int
@@ -317,21 +368,32 @@ class Span:
         self,
         tracer: Tracer | None,
         name: str,
-        context: SpanContext,
-        parent_id: bytes,
+        traceparent: bytes,
+        tracestate: str,
+        parent: bytes,
         kind: int,
         start_ns: int,
     ) -> None:
         self._tracer = tracer
         self.name = name
-        self.context = context
-        self.parent_id = parent_id
+        self.traceparent = traceparent
+        self.tracestate = tracestate
+        self.parent = parent
         self.kind = kind
         self.start_ns = start_ns
         self.end_ns = 0
         self.attributes = {}
         self.status_code = 0
         self.status_message = ""
+
+    @property
+    def context(self) -> SpanContext:
+        return SpanContext.of(self.traceparent, self.tracestate)
+
+    @property
+    def parent_id(self) -> bytes:
+        """The parent's span id (b"" for a root)."""
+        return _unhexlify(self.parent)
 
     def set(self, key: str, value: Attribute) -> None:
         """Set one attribute (last write wins)."""
@@ -360,8 +422,8 @@ class Span:
     def __repr__(self) -> str:
         return (
             f"Span({self.name!r}, kind={KIND_NAMES.get(self.kind, self.kind)}, "
-            f"trace={self.context.trace_id.hex()}, span={self.context.span_id.hex()}, "
-            f"parent={self.parent_id.hex()}, status={self.status_code})"
+            f"traceparent={self.traceparent.decode()}, parent={self.parent.decode()}, "
+            f"status={self.status_code})"
         )
 
 
@@ -433,23 +495,39 @@ class Tracer:
         if not self.enabled:
             return None, parent
         if parent is None:
+            span, traceparent = self.continue_header(name, None, "", kind)
+            return span, SpanContext.of(traceparent)
+        span, traceparent = self.continue_header(name, parent.traceparent, parent.tracestate, kind)
+        return span, SpanContext.of(traceparent, parent.tracestate)
+
+    def continue_header(
+        self, name: str, parent: bytes | None, tracestate: str, kind: int = INTERNAL
+    ) -> tuple[Span | None, bytes]:
+        """start() on the wire form: `parent` a canonical traceparent (see parse_traceparent;
+        None: a new trace), `tracestate` its parsed tracestate. Returns the span (None when
+        unsampled) and the child's traceparent. The tracer must be enabled."""
+        if parent is None:
             bits = _getrandbits(128) or _nonzero(128)
             sampled = (bits & _MASK64) < self._bound
-            trace_id = bits.to_bytes(16, "big")
-            tracestate = ""
+            traceparent = b"".join(
+                (
+                    b"00-",
+                    _hexlify(bits.to_bytes(16, "big")),
+                    b"-",
+                    _hexlify((_getrandbits(64) or _nonzero(64)).to_bytes(8, "big")),
+                    b"-01" if sampled else b"-00",
+                )
+            )
             parent_id = b""
         else:
-            sampled = parent.sampled
-            trace_id = parent.trace_id
-            tracestate = parent.tracestate
-            parent_id = parent.span_id
-        ctx = SpanContext(
-            trace_id, (_getrandbits(64) or _nonzero(64)).to_bytes(8, "big"), sampled, tracestate
-        )
+            sampled = parent[54] == 0x31
+            span_id = (_getrandbits(64) or _nonzero(64)).to_bytes(8, "big")
+            traceparent = parent[:36] + _hexlify(span_id) + parent[52:]
+            parent_id = parent[36:52]
         if not sampled or not self._record:
             # Nothing to record (or nowhere to send it): the context still travels on.
-            return None, ctx
-        return Span(self, name, ctx, parent_id, kind, _time_ns()), ctx
+            return None, traceparent
+        return Span(self, name, traceparent, tracestate, parent_id, kind, _time_ns()), traceparent
 
     @property
     def queued(self) -> int:

@@ -84,12 +84,9 @@ class HttpApi:
         if tracer is not None and tracer.enabled and not req.path.startswith(_HEALTH):
             # What this call does next (invoke, publish, bindings) continues this trace.
             span, traceparent = continue_trace(tracer, req.headers, req.path, SERVER)
-            if traceparent is not None:
-                resp = await self._route(req)
-                # Every route builds its own header list, so appending in place is safe.
-                resp.headers.append((b"traceparent", traceparent))
-            else:
-                resp = await self._route(req)
+            resp = await self._route(req)
+            # Every route builds its own header list, so appending in place is safe.
+            resp.headers.append((b"traceparent", traceparent))
             if span is not None:
                 _end_api_span(span, req, resp)
         else:

@@ -66,7 +66,8 @@ def make_spans() -> list[Span]:
     server = Span(
         None,
         "/v1.0/state/statestore",
-        SpanContext(TRACE_ID, bytes.fromhex("00f067aa0ba902b7"), True, "rojo=1"),
+        SpanContext(TRACE_ID, bytes.fromhex("00f067aa0ba902b7"), True).traceparent,
+        "rojo=1",
         b"",
         SERVER,
         1_700_000_000_000_000_000,
@@ -79,8 +80,9 @@ def make_spans() -> list[Span]:
     client = Span(
         None,
         "CallLocal/other/method",
-        SpanContext(TRACE_ID, bytes.fromhex("1122334455667788"), True),
-        server.context.span_id,
+        SpanContext(TRACE_ID, bytes.fromhex("1122334455667788"), True).traceparent,
+        "",
+        server.traceparent[36:52],
         CLIENT,
         1_700_000_000_000_100_000,
     )

@@ -39,9 +39,8 @@ def make_span(
     trace_id: bytes = TRACE_ID,
     span_id: bytes = SPAN_ID,
 ) -> Span:
-    span = Span(
-        None, name, SpanContext(trace_id, span_id, True, tracestate), parent_id, kind, start_ns
-    )
+    ctx = SpanContext(trace_id, span_id, True, tracestate)
+    span = Span(None, name, ctx.traceparent, tracestate, parent_id.hex().encode(), kind, start_ns)
     span.end_ns = end_ns
     span.attributes = dict(attributes or {})
     span.status_code, span.status_message = status
@@ -219,7 +218,9 @@ def test_plain_span_fast_path_matches_the_general_encoding(code: int, parent: by
     attrs = SharedAttributes({"dapr.api": "GET /x", "dapr.status_code": 200})
     spans = []
     for _ in range(2):  # the first fills the caches, the second takes the fast path
-        span = Span(None, "CallLocal/a/x", ctx, parent, SERVER, 1_000)
+        span = Span(
+            None, "CallLocal/a/x", ctx.traceparent, "", parent.hex().encode(), SERVER, 1_000
+        )
         span.attributes = attrs
         span.end_ns = 2_000
         span.status_code = code

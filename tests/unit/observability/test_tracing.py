@@ -20,6 +20,7 @@ from pillion.observability.tracing import (
     Span,
     SpanContext,
     Tracer,
+    canonical_traceparent,
     format_grpc_trace_bin,
     format_traceparent,
     parse_grpc_trace_bin,
@@ -164,6 +165,61 @@ def test_future_versions_are_read_like_version_00(value: str) -> None:
     assert (ctx.trace_id, ctx.span_id, ctx.sampled) == (TRACE_ID, SPAN_ID, True)
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (EXAMPLE, EXAMPLE),
+        (EXAMPLE[:-2] + "00", EXAMPLE[:-2] + "00"),
+        (EXAMPLE[:-2] + "03", EXAMPLE),  # flags other than 00/01: only the sampled bit goes on
+        (EXAMPLE[:-2] + "0a", EXAMPLE[:-2] + "00"),
+        (EXAMPLE[:-2] + "ff", EXAMPLE),
+        ("cc" + EXAMPLE[2:] + "-future", EXAMPLE),  # a future version is sent on as version 00
+        (f" {EXAMPLE}\t", EXAMPLE),
+        (EXAMPLE.upper(), None),
+        ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),
+    ],
+)
+def test_canonical_traceparent(value: str, expected: str | None) -> None:
+    want = None if expected is None else expected.encode()
+    assert canonical_traceparent(value) == want
+    assert canonical_traceparent(value.encode()) == want
+
+
+def test_canonical_header_is_used_as_it_came() -> None:
+    header = EXAMPLE.encode()
+    assert canonical_traceparent(header) is header
+    ctx = parse_traceparent(header)
+    assert ctx is not None and ctx.traceparent is header
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_continue_header_makes_a_child(sampled: bool) -> None:
+    tracer = Tracer("app", 1.0)
+    parent = (EXAMPLE[:-2] + ("01" if sampled else "00")).encode()
+    span, child = tracer.continue_header("op", parent, "a=b", SERVER)
+    assert len(child) == 55
+    assert child[:36] == parent[:36]  # version and trace id
+    assert child[52:] == parent[52:]  # flags
+    assert child[36:52] not in (parent[36:52], b"0" * 16)
+    assert canonical_traceparent(child) is child
+    if not sampled:
+        assert span is None
+        return
+    assert span is not None
+    assert (span.traceparent, span.tracestate, span.parent) == (child, "a=b", parent[36:52])
+    assert span.parent_id == SPAN_ID and span.trace_id == TRACE_ID
+    assert span.span_id == bytes.fromhex(child[36:52].decode())
+
+
+def test_continue_header_without_parent_starts_a_trace() -> None:
+    span, child = Tracer("app", 1.0).continue_header("op", None, "", SERVER)
+    assert span is not None and span.parent == b"" and span.parent_id == b""
+    assert span.traceparent == child and child.endswith(b"-01")
+    assert canonical_traceparent(child) is child
+    unsampled, child = Tracer("app", 1e-9).continue_header("op", None, "", SERVER)
+    assert unsampled is None and child.endswith(b"-00")
+
+
 def test_invalid_traceparent_drops_tracestate_too() -> None:
     assert parse_traceparent("garbage", "a=b") is None
 
@@ -283,7 +339,7 @@ def test_rate_1_without_parent_starts_a_sampled_trace() -> None:
     tracer = Tracer("app", 1.0)
     span, ctx = tracer.start("op", None, SERVER)
     assert span is not None and ctx is not None
-    assert span.context is ctx
+    assert span.context == ctx
     assert ctx.sampled is True
     assert len(ctx.trace_id) == 16 and ctx.trace_id != bytes(16)
     assert len(ctx.span_id) == 8 and ctx.span_id != bytes(8)
