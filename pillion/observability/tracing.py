@@ -166,7 +166,12 @@ def parse_traceparent(
 def canonical_traceparent(value: bytes | str) -> bytes | None:
     """A traceparent header as the version-00 value its context is sent on with (flags 00 or
     01); None when invalid. A valid version-00 header with those flags is returned as is."""
-    canonical = _canonical(value) if isinstance(value, bytes) else None
+    if isinstance(value, str):  # a CloudEvent's or a binding event's field
+        try:
+            value = value.encode("ascii")
+        except UnicodeEncodeError:
+            return None
+    canonical = _canonical(value)
     return canonical if canonical is not None else _canonical_slow(value)
 
 
@@ -188,12 +193,8 @@ def _canonical(value: bytes) -> bytes | None:
     return None
 
 
-def _canonical_slow(value: bytes | str) -> bytes | None:
-    if isinstance(value, str):
-        try:
-            value = value.encode("ascii")
-        except UnicodeEncodeError:
-            return None
+def _canonical_slow(value: bytes) -> bytes | None:
+    """What _canonical leaves: surrounding whitespace, later versions, and invalid values."""
     size = len(value)
     if size != 55:
         value = value.strip(b" \t")
@@ -494,11 +495,9 @@ class Tracer:
         """
         if not self.enabled:
             return None, parent
-        if parent is None:
-            span, traceparent = self.continue_header(name, None, "", kind)
-            return span, SpanContext.of(traceparent)
-        span, traceparent = self.continue_header(name, parent.traceparent, parent.tracestate, kind)
-        return span, SpanContext.of(traceparent, parent.tracestate)
+        wire, state = (None, "") if parent is None else (parent.traceparent, parent.tracestate)
+        span, traceparent = self.continue_header(name, wire, state, kind)
+        return span, SpanContext.of(traceparent, state)
 
     def continue_header(
         self, name: str, parent: bytes | None, tracestate: str, kind: int = INTERNAL
