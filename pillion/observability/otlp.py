@@ -35,7 +35,6 @@ _ATTR_CACHE_VALUE_MAX = 128
 # Encoded Resource + InstrumentationScope per service name: one entry in practice.
 _HEAD_CACHE: dict[str, tuple[bytes, bytes]] = {}
 
-_VARINT2: dict[int, bytes] = {}  # at most 16,256 entries of 2 bytes
 _LEAD: dict[int, bytes] = {}  # a span field's tag and size, by size (few: spans share shapes)
 
 # Span.flags (field 16, fixed32): the W3C trace flags; every exported span is sampled.
@@ -45,11 +44,6 @@ _FLAGS = b"\x85\x01\x01\x00\x00\x00"
 def _varint(n: int) -> bytes:
     if n < 0x80:
         return _BYTE[n]
-    if n < 0x4000:  # the size of most spans: two bytes, kept once made
-        out2 = _VARINT2.get(n)
-        if out2 is None:
-            out2 = _VARINT2[n] = bytes(((n & 0x7F) | 0x80, n >> 7))
-        return out2
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
