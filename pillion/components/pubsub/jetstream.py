@@ -701,8 +701,7 @@ class JetStreamSubscription:
         self._worker: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._heard = 0.0  # loop time of the last message or status from the server
-        self._clock = time.monotonic  # the loop's clock, once started
+        self._heard = time.monotonic()  # when the server last sent a message or status
         self._closing = False
         self._closed = asyncio.Event()
 
@@ -715,8 +714,7 @@ class JetStreamSubscription:
             self._ticker = loop.create_task(
                 self._keep_alive(), name=f"pubsub.jetstream progress {self.topic}"
             )
-        self._clock = loop.time
-        self._heard = loop.time()
+        self._heard = time.monotonic()
         self._watcher = loop.create_task(self._watch(), name=f"pubsub.jetstream watch {self.topic}")
         await self._ask()
 
@@ -810,12 +808,11 @@ class JetStreamSubscription:
         while it was on its way, say) gets no answer and no 409: while nothing is heard, look
         every IDLE_CHECK seconds whether the consumer is still there, and make it again if
         not."""
-        clock = self._clock
         while True:
-            await asyncio.sleep(max(self._heard + IDLE_CHECK - clock(), 0.0))
-            if clock() - self._heard < IDLE_CHECK:
+            await asyncio.sleep(max(self._heard + IDLE_CHECK - time.monotonic(), 0.0))
+            if time.monotonic() - self._heard < IDLE_CHECK:
                 continue
-            self._heard = clock()
+            self._heard = time.monotonic()
             if not self._credits:
                 continue  # nothing asked for (full, or a retry is on its way)
             try:
@@ -827,7 +824,7 @@ class JetStreamSubscription:
                 log.debug("jetstream: checking the consumer of %r failed: %r", self.topic, exc)
 
     async def _on_message(self, msg: Msg) -> None:
-        self._heard = self._clock()
+        self._heard = time.monotonic()
         status = (msg.headers or {}).get(js_api.Header.STATUS)
         if status:
             self._on_status(status, msg)
