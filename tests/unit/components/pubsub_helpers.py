@@ -4,6 +4,7 @@ that records what it was given."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable
 
@@ -16,17 +17,19 @@ def group() -> str:
 
 
 class Inbox:
-    """A subscription handler: records every attempt, fails those `fail` picks, holds each for
-    `hold` seconds, and keeps the messages it took."""
+    """A subscription handler: records every attempt (and when it came), fails those `fail`
+    picks, holds each for `hold` seconds, and keeps the messages it took."""
 
     def __init__(self, fail: Callable[[Message], bool] | None = None, hold: float = 0.0) -> None:
         self.messages: list[Message] = []
         self.attempts: list[Message] = []
+        self.times: list[float] = []  # time.monotonic() of each attempt
         self._fail = fail
         self._hold = hold
 
     async def __call__(self, msg: Message) -> None:
         self.attempts.append(msg)
+        self.times.append(time.monotonic())
         if self._hold:
             await asyncio.sleep(self._hold)
         if self._fail is not None and self._fail(msg):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -30,6 +29,7 @@ from pillion.components.pubsub.redis import (
 )
 from tests.conformance.conftest import require_server
 from tests.polling import eventually, run
+from tests.unit.components.pubsub_helpers import Inbox
 
 HOST, PORT = "127.0.0.1", 6379
 
@@ -74,25 +74,6 @@ async def open_pubsub(group: str | None = None, **props: str) -> RedisPubSub:
     }
     await ps.init(info(**props))
     return ps
-
-
-class Inbox:
-    """Records deliveries with their time; `fail` decides per message whether the handler raises."""
-
-    def __init__(self, fail: Callable[[Message], bool] | None = None) -> None:
-        self.calls: list[tuple[float, Message]] = []
-        self.acked: list[Message] = []
-        self._fail = fail
-
-    async def __call__(self, msg: Message) -> None:
-        self.calls.append((time.monotonic(), msg))
-        if self._fail is not None and self._fail(msg):
-            raise RuntimeError("deliberate handler failure")
-        self.acked.append(msg)
-
-    @property
-    def data(self) -> list[bytes]:
-        return [m.data for m in self.acked]
 
 
 async def pending_count(client: aioredis.Redis, topic: str, group: str) -> int:
@@ -193,16 +174,16 @@ def test_stream_layout_matches_dapr(server: None) -> None:
                 inbox = Inbox()
                 sub = await ps.subscribe(SubscribeRequest(topic), inbox)
                 await r.xadd(topic, {"data": b"dapr", "metadata": json.dumps({"a": "b"})})
-                await eventually(lambda: len(inbox.acked) == 3, 5, lambda: f"got {inbox.data}")
+                await eventually(lambda: len(inbox.messages) == 3, 5, lambda: f"got {inbox.data}")
                 assert inbox.data == [b"\x00one", b"two", b"dapr"]  # the group starts at 0
-                assert [dict(m.metadata) for m in inbox.acked] == [
+                assert [dict(m.metadata) for m in inbox.messages] == [
                     {"contentType": "x/y", "k": "v"},
                     {},
                     {"a": "b"},
                 ]
-                assert all(m.attempt == 1 and m.topic == topic for m in inbox.acked)
+                assert all(m.attempt == 1 and m.topic == topic for m in inbox.messages)
                 latest: Any = await r.xrange(topic)
-                assert inbox.acked[2].id == _decode(latest[-1][0])
+                assert inbox.messages[2].id == _decode(latest[-1][0])
                 group = ps.consumer_group
                 await asyncio.sleep(0.1)  # acks go out after the handler returns
                 assert await pending_count(r, topic, group) == 0
@@ -315,9 +296,9 @@ def test_failed_message_is_claimed_again_after_processing_timeout(server: None) 
                 await ps.subscribe(SubscribeRequest(topic), inbox)
                 await ps.publish(topic, b"flaky", {})
                 await eventually(
-                    lambda: inbox.data == [b"flaky"], 5, lambda: f"calls {len(inbox.calls)}"
+                    lambda: inbox.data == [b"flaky"], 5, lambda: f"calls {len(inbox.attempts)}"
                 )
-                (t1, first), (t2, second) = inbox.calls
+                (t1, t2), (first, second) = inbox.times, inbox.attempts
                 assert (first.attempt, second.attempt) == (1, 2)
                 assert first.id == second.id
                 # min-idle is processingTimeout; the claim runs every redeliverInterval.
@@ -325,7 +306,7 @@ def test_failed_message_is_claimed_again_after_processing_timeout(server: None) 
                 await asyncio.sleep(0.1)
                 assert await pending_count(r, topic, ps.consumer_group) == 0
                 await asyncio.sleep(2)  # acked: never delivered again
-                assert len(inbox.calls) == 2
+                assert len(inbox.attempts) == 2
             finally:
                 await ps.close()
 
@@ -341,9 +322,9 @@ def test_redelivery_disabled_leaves_failures_pending(server: None) -> None:
                 inbox = Inbox(fail=lambda _: True)
                 await ps.subscribe(SubscribeRequest(topic), inbox)
                 await ps.publish(topic, b"stuck", {})
-                await eventually(lambda: len(inbox.calls) == 1, 5, lambda: "no delivery")
+                await eventually(lambda: len(inbox.attempts) == 1, 5, lambda: "no delivery")
                 await asyncio.sleep(1)
-                assert len(inbox.calls) == 1
+                assert len(inbox.attempts) == 1
                 assert await pending_count(r, topic, ps.consumer_group) == 1
             finally:
                 await ps.close()
@@ -367,9 +348,11 @@ def test_pending_messages_of_a_dead_consumer_go_to_another(server: None) -> None
                 inbox = Inbox()
                 sub = await ps.subscribe(SubscribeRequest(topic), inbox)
                 # The first claim runs when the subscription starts.
-                await eventually(lambda: len(inbox.acked) == 3, 3, lambda: f"got {inbox.data}")
+                await eventually(lambda: len(inbox.messages) == 3, 3, lambda: f"got {inbox.data}")
                 assert sorted(inbox.data) == [b"orphan-0", b"orphan-1", b"orphan-2"]
-                assert all(m.attempt == 2 for m in inbox.acked), [m.attempt for m in inbox.acked]
+                assert all(m.attempt == 2 for m in inbox.messages), [
+                    m.attempt for m in inbox.messages
+                ]
                 await asyncio.sleep(0.1)
                 assert await pending_count(r, topic, group) == 0
                 await sub.close()
@@ -407,9 +390,9 @@ def test_closing_with_stuck_handlers_leaves_them_pending_for_the_group(server: N
             try:
                 inbox = Inbox()
                 await b.subscribe(SubscribeRequest(topic), inbox)
-                await eventually(lambda: len(inbox.acked) == 3, 4, lambda: f"got {inbox.data}")
+                await eventually(lambda: len(inbox.messages) == 3, 4, lambda: f"got {inbox.data}")
                 assert sorted(inbox.data) == [b"stuck-0", b"stuck-1", b"stuck-2"]
-                assert {m.attempt for m in inbox.acked} == {2}
+                assert {m.attempt for m in inbox.messages} == {2}
             finally:
                 await b.close()
 
