@@ -370,16 +370,14 @@ def test_consumer_deleted_unheard_is_made_again_by_the_idle_check(
     # and no 409 tells the subscription: here the 409s are dropped, so only the idle check
     # can find the consumer gone.
     monkeypatch.setattr(jetstream, "IDLE_CHECK", 0.3)
-    heard: list[str] = []
 
     def deaf(self: JetStreamSubscription, status: str, msg: object) -> None:
-        heard.append(status)
+        return None  # whether the server sends the 409 is itself a race (see IDLE_CHECK)
 
     async def main() -> None:
         async with one_subscriber() as (jsm, ps, sub, inbox):
             monkeypatch.setattr(JetStreamSubscription, "_on_status", deaf)
             await jsm.delete_consumer(sub.stream, sub.consumer)
-            await until(lambda: "409" in heard)  # the server did say it, to deaf ears
             await ps.publish(sub.topic, b"after", {})
             await until(lambda: inbox.data == [b"after"])
             await ps.close()
