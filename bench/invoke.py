@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import ROOT, cpu_seconds, ensure_tools, rss_mb, wrk
+from common import ROOT, WrkResult, cpu_seconds, ensure_tools, rss_mb, wrk
 
 from pillion.testing.procs import Proc, free_port, http_status, start_sidecar, wait_until
 
@@ -61,16 +61,19 @@ def start_haproxy(listen: int, target: int, tmp: Path) -> subprocess.Popen[bytes
     return p
 
 
-TRACED_CONFIG = """
+OBSERVED_CONFIG = """
 apiVersion: dapr.io/v1alpha1
 kind: Configuration
-metadata: {{name: traced}}
+metadata: {{name: observed}}
 spec:
   tracing:
-    samplingRate: "1"
+    samplingRate: "{rate}"
     otel: {{endpointAddress: "127.0.0.1:{sink}", protocol: http, isSecure: false}}
-  metrics: {{enabled: true}}
+  metrics: {{enabled: {metrics}}}
 """
+# name -> (sampling rate, metrics on): both on is the floor's variant; the others, with
+# --split, tell which half costs what.
+OBSERVED = {"on": ("1", "true"), "tracing only": ("1", "false"), "metrics only": ("0", "true")}
 
 
 def sidecar_pair(home: Path, app_port: int, tag: str, extra: list[str]) -> tuple[list[Proc], str]:
@@ -92,48 +95,67 @@ def sidecar_pair(home: Path, app_port: int, tag: str, extra: list[str]) -> tuple
 
 
 def observed_ratio(
-    home: Path, tmp: Path, app_port: int, c: int, s: int, rounds: int
+    home: Path, tmp: Path, app_port: int, c: int, s: int, groups: int, split: bool
 ) -> tuple[float, bool]:
-    """Tracing at sampling 1 + metrics vs both off, same path, alternated to even out noise."""
+    """Tracing at sampling 1 + metrics vs both off, same path, in adjacent rounds."""
     sink_port = free_port()
     sink = Proc.start("span sink", [sys.executable, str(HERE / "span_sink.py"), str(sink_port)])
     sink.wait_for_line("listening", 10)
-    config = tmp / "traced.yaml"
-    config.write_text(TRACED_CONFIG.format(sink=sink_port))
     procs = [sink]
     try:
         plain, plain_url = sidecar_pair(home, app_port, "plain", ["--enable-metrics=false"])
         procs += plain
-        traced, traced_url = sidecar_pair(home, app_port, "traced", ["--config", str(config)])
-        procs += traced
-        wrk(plain_url, connections=c, seconds=2)
-        wrk(traced_url, connections=c, seconds=2)
-        offs, ons = [], []
-        for _ in range(rounds):
-            offs.append(wrk(plain_url, connections=c, seconds=s))
-            ons.append(wrk(traced_url, connections=c, seconds=s))
-        # The median of each side: on two shared cores single rounds stray by up to 15%, and a
-        # best-of estimate follows whichever side had the luckiest round.
-        off = statistics.median(r.rps for r in offs)
-        on = statistics.median(r.rps for r in ons)
-        best = max(r.rps for r in ons) / max(r.rps for r in offs)
-        errors = sum(r.errors for r in offs + ons)
+        urls = {"off": plain_url}
+        for n, (name, (rate, metrics)) in enumerate(OBSERVED.items()):
+            if name != "on" and not split:
+                continue
+            config = tmp / f"observed-{n}.yaml"
+            config.write_text(OBSERVED_CONFIG.format(sink=sink_port, rate=rate, metrics=metrics))
+            pair, urls[name] = sidecar_pair(home, app_port, f"obs{n}", ["--config", str(config)])
+            procs += pair
+        for url in urls.values():
+            wrk(url, connections=c, seconds=2)  # warm-up: pools, caches
+        runs: dict[str, list[WrkResult]] = {name: [] for name in urls}
+        for i in range(groups):
+            # Adjacent rounds, in the order off, on, ... then ..., on, off (ABBA): the machine's
+            # speed drifts by 10-20% over tens of seconds here, and adjacent rounds share it.
+            for name in urls if i % 2 == 0 else reversed(urls):
+                runs[name].append(wrk(urls[name], connections=c, seconds=s))
+        # The median of the groups' ratios: on two shared cores single rounds stray by up to 20%,
+        # and a ratio of the two sides' medians (or bests) mixes rounds of different moments.
+        ratios = {
+            name: [b.rps / a.rps for a, b in zip(runs["off"], runs[name], strict=True)]
+            for name in urls
+            if name != "off"
+        }
+        errors = sum(r.errors for rs in runs.values() for r in rs)
         got = urllib.request.urlopen(f"http://127.0.0.1:{sink_port}/", timeout=5).read().split()
-        ratio = on / off
         print()
         print(
             f"tracing (sampling 1, OTLP/HTTP) + metrics vs both off, {c} connections, "
-            f"median of {rounds} alternated rounds of {s} s"
+            f"{groups} groups of adjacent {s} s rounds"
         )
-        print(
-            "rounds (off/on req/s): "
-            + ", ".join(f"{a.rps:.0f}/{b.rps:.0f}" for a, b in zip(offs, ons, strict=True))
-        )
-        print(f"{'two sidecars, tracing+metrics off':34} {off:9.0f} req/s")
-        print(f"{'two sidecars, tracing+metrics on':34} {on:9.0f} req/s")
+        print("off req/s: " + ", ".join(f"{r.rps:.0f}" for r in runs["off"]))
+        for name, rs in ratios.items():
+            print(
+                f"{name} req/s (on/off): "
+                + ", ".join(f"{r.rps:.0f} ({x:.2f})" for r, x in zip(runs[name], rs, strict=True))
+            )
+        for name, rs in runs.items():
+            label = f"two sidecars, {name}"
+            print(f"{label:34} {statistics.median(r.rps for r in rs):9.0f} req/s (median)")
         print(f"spans exported: {int(got[1]) // 1024} KiB in {int(got[0])} posts")
-        print(f"best round against best round: {best:.2f}x")
-        print(f"ratio on / off: {ratio:.2f}x (floor {OBSERVED_FLOOR}x)")
+        for name in ratios:
+            if name != "on":
+                print(
+                    f"ratio {name} / off (median of the groups): "
+                    f"{statistics.median(ratios[name]):.2f}x"
+                )
+        ratio = statistics.median(ratios["on"])
+        print(
+            f"ratio tracing+metrics on / off (median of the groups): {ratio:.2f}x "
+            f"(floor {OBSERVED_FLOOR}x)"
+        )
         return ratio, errors == 0 and int(got[0]) > 0
     finally:
         for p in reversed(procs):
@@ -177,12 +199,21 @@ def startup_time(home: Path) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument(
+        "--round-seconds", type=int, default=5, help="length of each on/off round (seconds)"
+    )
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument(
+        "--split", action="store_true", help="also tracing only and metrics only, against off"
+    )
     ap.add_argument(
         "--only-observed", action="store_true", help="only the tracing+metrics on/off comparison"
     )
     ap.add_argument(
-        "--rounds", type=int, default=5, help="alternated on/off rounds (the median is compared)"
+        "--groups",
+        type=int,
+        default=9,
+        help="groups of adjacent off/on rounds (the median of their on/off ratios is compared)",
     )
     args = ap.parse_args()
     ensure_tools("wrk", "haproxy")
@@ -201,7 +232,9 @@ def main() -> int:
     haproxies: list[subprocess.Popen[bytes]] = []
     c, s = args.connections, args.seconds
     try:
-        observed, observed_ok = observed_ratio(home, tmp, app_port, c, s, args.rounds)
+        observed, observed_ok = observed_ratio(
+            home, tmp, app_port, c, args.round_seconds, args.groups, args.split
+        )
         if args.only_observed:
             ok = observed >= OBSERVED_FLOOR and observed_ok
             print(f"floor: {'OK' if ok else 'FAILED'}")
