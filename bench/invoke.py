@@ -97,7 +97,8 @@ def sidecar_pair(home: Path, app_port: int, tag: str, extra: list[str]) -> tuple
 def observed_ratio(
     home: Path, tmp: Path, app_port: int, c: int, s: int, groups: int, split: bool
 ) -> tuple[float, bool]:
-    """Tracing at sampling 1 + metrics vs both off, same path, in adjacent rounds."""
+    """Tracing at sampling 1 + metrics vs both off, same path, in groups of adjacent rounds
+    (with `split`, each of the two alone as well); the median of the groups' on/off ratios."""
     sink_port = free_port()
     sink = Proc.start("span sink", [sys.executable, str(HERE / "span_sink.py"), str(sink_port)])
     sink.wait_for_line("listening", 10)
